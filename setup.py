@@ -1,0 +1,30 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-longvila",
+    version="0.1.0",
+    description="LongVILA long-video vision-language model training on Megatron-Core",
+    packages=find_packages(include=["megatron_longvila", "megatron_longvila.*"]),
+    python_requires=">=3.10",
+    # torch is not pinned to any build: NGC containers bring their own CUDA torch.
+    install_requires=[
+        "torch>=2.4",
+        "megatron-core>=0.13",
+        "transformers>=4.45",
+        "safetensors",
+        "sentencepiece",
+        "tokenizers",
+        "webdataset>=0.2.86",
+        "av>=12",
+        "pillow",
+        "numpy",
+        "tqdm",
+        "einops",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout", "matplotlib"],
+        "energon": ["megatron-energon"],
+        "eval": ["matplotlib"],
+        "gpu": ["transformer-engine[pytorch]", "apex", "flash-attn"],
+    },
+)
