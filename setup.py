@@ -9,7 +9,7 @@ setup(
     # torch is not pinned to any build: NGC containers bring their own CUDA torch.
     install_requires=[
         "torch>=2.4",
-        "megatron-core>=0.13",
+        "megatron-core>=0.16",
         "transformers>=4.45",
         "safetensors",
         "sentencepiece",

@@ -1,0 +1,79 @@
+"""What Megatron-Core needs to run without CUDA (CPU tests, the CPU demo), in one place.
+
+Megatron-Core assumes a GPU in a few spots that have nothing to do with the model's math.
+``enable()`` patches exactly those, and only when CUDA is absent: on a GPU it is a no-op and
+nothing in the GPU path changes. Every patch below says why it exists.
+"""
+
+import torch
+
+_ENABLED = False
+
+
+def _cpu_get_rng_state(device="cuda", clone=False, graph_safe=False):
+    # Megatron's RNG tracker (used by recompute/activation checkpointing and by the TP
+    # dropout fork) saves and restores "the CUDA RNG state". Without CUDA the only generator
+    # that drives CPU kernels is the CPU default generator, so that is the state to track.
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(new_state, device=-1, graph_safe=False):
+    torch.set_rng_state(new_state)
+
+
+def _cpu_tracker_add(self, name, seed):
+    # CudaRNGStatesTracker.add seeds torch.cuda's generator to capture a new state; a CPU
+    # generator seeded the same way gives the state to fork to instead.
+    self._is_initialized = True
+    if seed in self.seeds_:
+        raise Exception(f"seed {seed} already exists")
+    if name in self.states_:
+        raise Exception(f"rng state {name} already exists")
+    self.seeds_.add(seed)
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    self.states_[name] = gen.get_state()
+
+
+def _cpu_current_device():
+    # Megatron allocates communication buffers (TP all-gathers, reduce-scatters, the
+    # vocab-parallel embedding/cross entropy) with ``device=torch.cuda.current_device()``.
+    # Without CUDA that call raises; the buffers belong on the CPU, where gloo works.
+    return torch.device("cpu")
+
+
+def enable():
+    """Install the CPU shims if (and only if) CUDA is not available. Idempotent."""
+    global _ENABLED
+    if _ENABLED or torch.cuda.is_available():
+        return
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    mpu_random._get_cuda_rng_state = _cpu_get_rng_state
+    mpu_random._set_cuda_rng_state = _cpu_set_rng_state
+    mpu_random.CudaRNGStatesTracker.add = _cpu_tracker_add
+    torch.cuda.current_device = _cpu_current_device
+    _ENABLED = True
+
+
+def model_parallel_seed(seed: int):
+    """Seed every generator the model uses, as Megatron's ``model_parallel_cuda_manual_seed``.
+
+    On CPU: the default generator plus the tensor-parallel tracker states (via the shims).
+    """
+    from megatron.core import tensor_parallel
+
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        return
+    enable()
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    tracker = mpu_random.get_cuda_rng_tracker()
+    tracker.reset()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    tracker.add(mpu_random._MODEL_PARALLEL_RNG_TRACKER_NAME, seed + 2718 + tp_rank)
+    tracker.add(mpu_random._DATA_PARALLEL_RNG_TRACKER_NAME, seed)
+    tracker.add(mpu_random._EXPERT_PARALLEL_RNG_TRACKER_NAME, seed + 1024 + tp_rank)

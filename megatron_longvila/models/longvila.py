@@ -1,0 +1,148 @@
+"""LongVILAModel: SigLIP tower + VILA projector + Megatron-Core GPTModel.
+
+One micro-batch is a packed row (see ``megatron_longvila.data``): ``tokens [1, S]`` with
+``IMAGE_TOKEN_INDEX`` at visual positions (``tokens_per_frame`` per frame, frames in order),
+``position_ids [1, S]`` restarting per sample, ``cu_seqlens`` marking the samples, and
+``frames [F, 3, H, W]``. Unpacked input (``tokens [b, s]``, ``cu_seqlens=None``) also works.
+"""
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.models.gpt import GPTModel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+
+from .. import cpu_compat
+from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from .config import LongVILAConfig
+from .projector import MultimodalProjector
+from .specs import (layer_spec, llm_transformer_config, resolve_transformer_impl,
+                    vision_transformer_config)
+from .vision import SiglipVisionEncoder
+
+
+def rope_frequencies(position_ids: torch.Tensor, dim: int, base: float) -> torch.Tensor:
+    """Per-token RoPE angles ``[s, b, 1, dim]`` (fp32) for Megatron's ``apply_rotary_pos_emb``.
+
+    Computed from the true position of every token, so packed rows (positions restart per
+    sample) and sequence-sharded rows (positions are global) rotate correctly.
+    """
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32,
+                                            device=position_ids.device) / dim))
+    angles = position_ids.t().float()[..., None] * inv_freq  # [s, b, dim/2]
+    return torch.cat([angles, angles], dim=-1)[:, :, None, :]
+
+
+class LongVILAModel(MegatronModule):
+    def __init__(self, config: LongVILAConfig, dtype=torch.float32, transformer_impl="local",
+                 sequence_parallel=False, recompute=None):
+        cpu_compat.enable()
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        cp = parallel_state.get_context_parallel_world_size()
+        impl = resolve_transformer_impl(transformer_impl)
+        llm_cfg = config.llm
+        if llm_cfg.vocab_size % tp:
+            raise ValueError(f"vocab size {llm_cfg.vocab_size} is not divisible by the tensor "
+                             f"parallel size {tp}")
+        tconfig = llm_transformer_config(llm_cfg, dtype, tp, sequence_parallel, cp, recompute)
+        super().__init__(config=tconfig)
+        self.cfg = config
+        self.transformer_impl = impl
+        self.vision_model = SiglipVisionEncoder(
+            config.vision, vision_transformer_config(config.vision, dtype, tp, recompute),
+            config.vision_layers_used, impl)
+        self.projector = MultimodalProjector(config.projector_type, config.vision.hidden_size,
+                                             llm_cfg.hidden_size)
+        self.language_model = GPTModel(
+            config=tconfig,
+            transformer_layer_spec=layer_spec(impl, "RMSNorm", causal=True),
+            vocab_size=llm_cfg.vocab_size,
+            max_sequence_length=llm_cfg.max_position_embeddings,
+            pre_process=True, post_process=True,
+            share_embeddings_and_output_weights=llm_cfg.tie_word_embeddings,
+            position_embedding_type="rope", rotary_base=llm_cfg.rope_base,
+        )
+        if dtype != torch.float32:
+            self.vision_model.to(dtype)
+            self.projector.to(dtype)
+
+    # ------------------------------------------------------------------ pieces
+    def set_trainable(self, vision: bool = True, projector: bool = True, llm: bool = True):
+        """Freeze controls for the five stages (frozen parts get no gradient)."""
+        for module, flag in ((self.vision_model, vision), (self.projector, projector),
+                             (self.language_model, llm)):
+            for p in module.parameters():
+                p.requires_grad_(flag and not getattr(p, "unused_by_forward", False))
+
+    @property
+    def tokens_per_frame(self) -> int:
+        return self.cfg.tokens_per_frame
+
+    def encode_frames(self, frames: torch.Tensor) -> torch.Tensor:
+        """``[F, 3, H, W] -> [F, tokens_per_frame, llm_hidden]``."""
+        return self.projector(self.vision_model(frames))
+
+    def embed(self, tokens: torch.Tensor, visual: Optional[torch.Tensor]) -> torch.Tensor:
+        """Text embeddings with each placeholder run replaced by its frame's visual tokens.
+
+        ``tokens [b, s]``, ``visual [n_visual_tokens, h]`` in placeholder order -> ``[s, b, h]``.
+        """
+        is_visual = tokens == IMAGE_TOKEN_INDEX
+        n_slots = int(is_visual.sum())
+        n_visual = 0 if visual is None else visual.shape[0]
+        if n_slots != n_visual:
+            raise ValueError(f"the tokens hold {n_slots} visual placeholder positions but the "
+                             f"frames give {n_visual} visual tokens "
+                             f"({self.tokens_per_frame} per frame)")
+        emb = self.language_model.embedding.word_embeddings(tokens.masked_fill(is_visual, 0))
+        if n_visual:
+            emb = emb.masked_scatter(is_visual[..., None], visual.to(emb.dtype))
+        return emb.transpose(0, 1).contiguous()
+
+    def decode(self, hidden: torch.Tensor, position_ids: torch.Tensor,
+               packed_seq_params: Optional[PackedSeqParams]) -> torch.Tensor:
+        """Decoder stack (+ final norm) on ``[s, b, h]``; returns ``[s, b, h]``."""
+        rope = rope_frequencies(position_ids, self.cfg.llm.kv_channels, self.cfg.llm.rope_base)
+        if self.config.sequence_parallel:
+            hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
+        return self.language_model.decoder(hidden_states=hidden, attention_mask=None,
+                                           rotary_pos_emb=rope, packed_seq_params=packed_seq_params)
+
+    def output(self, hidden: torch.Tensor, labels: Optional[torch.Tensor],
+               parallel_output: bool = True) -> torch.Tensor:
+        """Logits ``[b, s, V]`` (vocab-sharded under TP if parallel_output) or, with labels,
+        per-token losses ``[b, s]`` in fp32 (0 where the label is IGNORE_INDEX)."""
+        lm = self.language_model
+        weight = lm.shared_embedding_or_output_weight() if lm.share_embeddings_and_output_weights else None
+        logits, _ = lm.output_layer(hidden, weight=weight)  # [s, b, V/tp]
+        if labels is None:
+            if not parallel_output:
+                logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+            return logits.transpose(0, 1).contiguous()
+        target = labels.t()
+        valid = target != IGNORE_INDEX
+        losses = tensor_parallel.vocab_parallel_cross_entropy(
+            logits.float(), target.masked_fill(~valid, 0).contiguous())
+        return (losses * valid).t().contiguous()
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor,
+                frames: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
+                cu_seqlens: Optional[torch.Tensor] = None,
+                frames_per_sample: Optional[torch.Tensor] = None, parallel_output: bool = True):
+        visual = None
+        if frames is not None and frames.shape[0] > 0:
+            visual = self.encode_frames(frames).flatten(0, 1)
+        hidden = self.embed(tokens, visual)
+        packed = None
+        if cu_seqlens is not None:
+            if tokens.shape[0] != 1:
+                raise ValueError("packed input (cu_seqlens) must be one row: tokens [1, S]")
+            cu = cu_seqlens.to(torch.int32)
+            max_len = int((cu[1:] - cu[:-1]).max())
+            packed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                     max_seqlen_q=max_len, max_seqlen_kv=max_len)
+        hidden = self.decode(hidden, position_ids, packed)
+        return self.output(hidden, labels, parallel_output)
