@@ -1,0 +1,319 @@
+"""MM-SP 2D attention: Ulysses all-to-all inside the Ulysses group, ring attention across
+the ring group, document (varlen) + causal masks from the global layout.
+
+Shapes (``b`` = 1, packed): local ``q [s, h, d]``, ``k/v [s, g, d]`` with ``h`` heads and ``g``
+KV heads per tensor-parallel rank. Steps:
+
+1. Ulysses all-to-all (sequence <-> heads): each rank of the Ulysses group gets the whole ring
+   shard for ``h / U`` query heads and the KV heads those query heads use (GQA: KV heads are
+   split when ``U`` divides ``g``, replicated ``U / g`` times when ``g`` divides ``U``).
+2. Ring attention over the ring group: KV blocks travel around the ring with send/recv posted
+   before the current block is computed; partial outputs are merged by log-sum-exp. The
+   backward is a second ring pass: each KV block's gradient travels with it and arrives home
+   after ``ring`` steps; query gradients stay local.
+3. The inverse all-to-all.
+
+Kernels for one block (``VarlenBlock``): on CUDA ``aten._flash_attention_forward`` /
+``_flash_attention_backward`` (varlen, returns the log-sum-exp; the backward takes the
+*final* output and log-sum-exp, which makes per-block gradients exact); elsewhere an exact
+math path (float32, or float64 for float64 inputs).
+"""
+
+import os
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+from .layout import VarlenBlock
+
+_NEG_INF = float("-inf")
+
+
+def _backend(x: torch.Tensor) -> str:
+    forced = os.environ.get("MMSP_ATTENTION_BACKEND")
+    if forced:
+        return forced
+    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
+        return "cuda_flash"
+    return "math"
+
+
+# ------------------------------------------------------------------ one block: forward / backward
+
+def _acc_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def block_forward(q, k, v, blk: VarlenBlock, scale: float):
+    """Attention of ``q [Lq,h,d]`` on ``k/v [Lk,g,d]`` restricted to ``blk``.
+
+    Returns ``out [Lq,h,d]`` (accumulation dtype, zero on uncovered rows) and
+    ``lse [h,Lq]`` (``-inf`` on uncovered rows).
+    """
+    if _backend(q) == "cuda_flash":
+        return _flash_block_forward(q, k, v, blk, scale)
+    Lq, h, d = q.shape
+    g = k.shape[1]
+    rep = h // g
+    acc = _acc_dtype(q)
+    out = q.new_zeros((Lq, h, d), dtype=acc)
+    lse = q.new_full((h, Lq), _NEG_INF, dtype=acc)
+    for (qs, qe), (ks, ke) in zip(blk.q_ranges, blk.k_ranges):
+        qq = q[qs:qe].to(acc).view(qe - qs, g, rep, d)
+        kk, vv = k[ks:ke].to(acc), v[ks:ke].to(acc)
+        s = torch.einsum("qgrd,kgd->grqk", qq, kk) * scale
+        if blk.causal:
+            s = s.masked_fill(torch.ones(qe - qs, ke - ks, dtype=torch.bool,
+                                         device=q.device).triu(1), _NEG_INF)
+        m = torch.logsumexp(s, dim=-1)  # [g, rep, q]
+        p = torch.exp(s - m.unsqueeze(-1))
+        out[qs:qe] = torch.einsum("grqk,kgd->qgrd", p, vv).reshape(qe - qs, h, d)
+        lse[:, qs:qe] = m.reshape(h, qe - qs)
+    return out, lse
+
+
+def block_backward(dout, q, k, v, out, lse, delta, blk: VarlenBlock, scale: float):
+    """Gradients of one block given the *final* ``out``, ``lse [h,Lq]`` and
+    ``delta = rowsum(dout * out) [h,Lq]``. Returns ``dq, dk, dv`` (accumulation dtype)."""
+    if _backend(q) == "cuda_flash":
+        return _flash_block_backward(dout, q, k, v, out, lse, blk, scale)
+    Lq, h, d = q.shape
+    g = k.shape[1]
+    rep = h // g
+    acc = _acc_dtype(q)
+    dq = q.new_zeros((Lq, h, d), dtype=acc)
+    dk = k.new_zeros(k.shape, dtype=acc)
+    dv = v.new_zeros(v.shape, dtype=acc)
+    for (qs, qe), (ks, ke) in zip(blk.q_ranges, blk.k_ranges):
+        n = qe - qs
+        qq = q[qs:qe].to(acc).view(n, g, rep, d)
+        do = dout[qs:qe].to(acc).view(n, g, rep, d)
+        kk, vv = k[ks:ke].to(acc), v[ks:ke].to(acc)
+        s = torch.einsum("qgrd,kgd->grqk", qq, kk) * scale
+        if blk.causal:
+            s = s.masked_fill(torch.ones(n, ke - ks, dtype=torch.bool,
+                                         device=q.device).triu(1), _NEG_INF)
+        p = torch.exp(s - lse[:, qs:qe].reshape(g, rep, n, 1))
+        dp = torch.einsum("qgrd,kgd->grqk", do, vv)
+        ds = p * (dp - delta[:, qs:qe].reshape(g, rep, n, 1))
+        dq[qs:qe] += (torch.einsum("grqk,kgd->qgrd", ds, kk) * scale).reshape(n, h, d)
+        dk[ks:ke] += torch.einsum("grqk,qgrd->kgd", ds, qq) * scale
+        dv[ks:ke] += torch.einsum("grqk,qgrd->kgd", p, do)
+    return dq, dk, dv
+
+
+def _gather_rows(x, idx):
+    return x if idx is None else x.index_select(0, idx)
+
+
+def _flash_block_forward(q, k, v, blk, scale):
+    qi, ki, cu_q, cu_k, mq, mk = blk.tensors(q.device)
+    qg, kg, vg = _gather_rows(q, qi), _gather_rows(k, ki), _gather_rows(v, ki)
+    o, lse = torch.ops.aten._flash_attention_forward(
+        qg, kg, vg, cu_q, cu_k, mq, mk, 0.0, blk.causal, False, scale=scale)[:2]
+    Lq, h, d = q.shape
+    lse = _lse_to_hq(lse, cu_q, h, qg.shape[0])
+    if qi is None:
+        return o.float(), lse
+    out = q.new_zeros((Lq, h, d), dtype=torch.float32)
+    full = q.new_full((h, Lq), _NEG_INF, dtype=torch.float32)
+    out.index_copy_(0, qi, o.float())
+    full.index_copy_(1, qi, lse)
+    return out, full
+
+
+def _lse_to_hq(lse, cu_q, h, total_q):
+    """flash varlen LSE -> ``[h, total_q]`` float32 (newer kernels already return that)."""
+    lse = lse.float()
+    if lse.dim() == 2 and lse.shape == (h, total_q):
+        return lse
+    if lse.dim() == 3:  # [n_seq, h, max_q] (older padded layout)
+        parts = [lse[i, :, : int(cu_q[i + 1] - cu_q[i])] for i in range(lse.shape[0])]
+        return torch.cat(parts, dim=1)
+    raise RuntimeError(f"unexpected flash LSE shape {tuple(lse.shape)}")
+
+
+def _flash_block_backward(dout, q, k, v, out, lse, blk, scale):
+    qi, ki, cu_q, cu_k, mq, mk = blk.tensors(q.device)
+    qg, kg, vg = _gather_rows(q, qi), _gather_rows(k, ki), _gather_rows(v, ki)
+    dog = _gather_rows(dout, qi).to(q.dtype).contiguous()
+    og = _gather_rows(out, qi).to(q.dtype).contiguous()
+    lg = (lse if qi is None else lse.index_select(1, qi)).float().contiguous()
+    rng = torch.zeros(2, dtype=torch.int64, device=q.device)
+    unused = torch.zeros((), dtype=torch.int64, device=q.device)
+    dq, dk, dv = torch.ops.aten._flash_attention_backward(
+        dog, qg, kg, vg, og, lg, cu_q, cu_k, mq, mk, 0.0, blk.causal, rng, unused, scale=scale)
+    if qi is None and ki is None:
+        return dq.float(), dk.float(), dv.float()
+    Dq = q.new_zeros(q.shape, dtype=torch.float32)
+    Dk = k.new_zeros(k.shape, dtype=torch.float32)
+    Dv = v.new_zeros(v.shape, dtype=torch.float32)
+    Dq.index_copy_(0, qi, dq.float()) if qi is not None else Dq.copy_(dq)
+    if ki is not None:
+        Dk.index_copy_(0, ki, dk.float())
+        Dv.index_copy_(0, ki, dv.float())
+    else:
+        Dk.copy_(dk)
+        Dv.copy_(dv)
+    return Dq, Dk, Dv
+
+
+def _merge(out, lse, o_b, l_b):
+    """Log-sum-exp merge of partial results (in place on ``out``; returns new lse)."""
+    new = torch.logaddexp(lse, l_b)
+    a = torch.exp(lse - new)
+    b = torch.exp(l_b - new)
+    a = torch.nan_to_num(a, nan=0.0)
+    b = torch.nan_to_num(b, nan=0.0)
+    out.mul_(a.t().unsqueeze(-1)).add_(o_b * b.t().unsqueeze(-1))
+    return new
+
+
+# ------------------------------------------------------------------ ring
+
+class _P2P:
+    """Post send-to-next / recv-from-prev on the ring group; ``wait()`` returns the buffer."""
+
+    def __init__(self, send: torch.Tensor, ring_ranks: List[int], ring_rank: int, group):
+        R = len(ring_ranks)
+        self.buf = torch.empty_like(send)
+        ops = [dist.P2POp(dist.isend, send, ring_ranks[(ring_rank + 1) % R], group),
+               dist.P2POp(dist.irecv, self.buf, ring_ranks[(ring_rank - 1) % R], group)]
+        self.reqs = dist.batch_isend_irecv(ops)
+
+    def wait(self):
+        for r in self.reqs:
+            r.wait()
+        return self.buf
+
+
+class RingAttention(torch.autograd.Function):
+    """Ring attention over ``ctx.blocks[src]`` for each source ring rank ``src``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, blocks, scale, ring_group, ring_ranks, ring_rank):
+        R = len(blocks)
+        kv = torch.stack([k, v]).contiguous()
+        out = lse = None
+        for step in range(R):
+            comm = _P2P(kv, ring_ranks, ring_rank, ring_group) if step < R - 1 else None
+            src = (ring_rank - step) % R
+            blk = blocks[src]
+            if blk is not None:
+                o_b, l_b = block_forward(q, kv[0], kv[1], blk, scale)
+                if out is None:
+                    out, lse = o_b, l_b
+                else:
+                    lse = _merge(out, lse, o_b, l_b)
+            if comm is not None:
+                kv = comm.wait()
+        ctx.blocks, ctx.scale, ctx.group, ctx.ranks, ctx.rank = (
+            blocks, scale, ring_group, ring_ranks, ring_rank)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out.to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        blocks, scale = ctx.blocks, ctx.scale
+        R = len(blocks)
+        acc = _acc_dtype(q)
+        dout = dout.contiguous()
+        delta = (dout.to(acc) * out.to(acc)).sum(-1).t().contiguous()  # [h, L]
+        kv = torch.stack([k, v]).contiguous()
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device)
+        dkv = None
+        dkv_comm = None
+        for step in range(R):
+            kv_comm = _P2P(kv, ctx.ranks, ctx.rank, ctx.group) if step < R - 1 else None
+            src = (ctx.rank - step) % R
+            blk = blocks[src]
+            contrib = None
+            if blk is not None:
+                dq_b, dk_b, dv_b = block_backward(dout, q, kv[0], kv[1], out, lse, delta, blk,
+                                                  scale)
+                dq += dq_b
+                contrib = torch.stack([dk_b, dv_b])
+            dkv = (dkv_comm.wait() if dkv_comm is not None
+                   else torch.zeros((2,) + tuple(k.shape), dtype=acc, device=k.device))
+            if contrib is not None:
+                dkv = dkv + contrib
+            if R > 1:
+                dkv_comm = _P2P(dkv.contiguous(), ctx.ranks, ctx.rank, ctx.group)
+            if kv_comm is not None:
+                kv = kv_comm.wait()
+        if dkv_comm is not None:
+            dkv = dkv_comm.wait()
+        return (dq.to(q.dtype), dkv[0].to(k.dtype), dkv[1].to(v.dtype),
+                None, None, None, None, None)
+
+
+def ring_attention(q, k, v, blocks: List[Optional[VarlenBlock]], scale: float,
+                   ring_group=None, ring_ranks=None, ring_rank: int = 0):
+    """``q [L,h,d]``, ``k/v [L,g,d]`` (one ring shard) -> ``[L,h,d]``."""
+    if ring_ranks is None:
+        ring_ranks = [0]
+    return RingAttention.apply(q, k, v, blocks, scale, ring_group, list(ring_ranks), ring_rank)
+
+
+def varlen_attention(q, k, v, cu_seqlens, causal: bool, scale: float):
+    """Single-rank varlen attention through the same kernels (``[s,h,d]`` in and out)."""
+    cu = [int(x) for x in cu_seqlens.tolist()]
+    ranges = [(a, b) for a, b in zip(cu[:-1], cu[1:]) if b > a]
+    blk = VarlenBlock(ranges, list(ranges), causal, q.shape[0], k.shape[0])
+    return ring_attention(q, k, v, [blk], scale)
+
+
+# ------------------------------------------------------------------ Ulysses
+
+class _AllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, scatter_dim, gather_dim):
+        ctx.args = (group, scatter_dim, gather_dim)
+        return _all_to_all(x, group, scatter_dim, gather_dim)
+
+    @staticmethod
+    def backward(ctx, g):
+        group, scatter_dim, gather_dim = ctx.args
+        return _all_to_all(g.contiguous(), group, gather_dim, scatter_dim), None, None, None
+
+
+def _all_to_all(x, group, scatter_dim, gather_dim):
+    n = dist.get_world_size(group)
+    send = torch.stack(x.tensor_split(n, dim=scatter_dim)).contiguous()
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    return torch.cat(recv.unbind(0), dim=gather_dim)
+
+
+def all_to_all(x, group, scatter_dim: int, gather_dim: int):
+    """Autograd-aware all-to-all: split ``scatter_dim`` over the group, concatenate the
+    received pieces along ``gather_dim`` (in group-rank order)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return x
+    return _AllToAll.apply(x, group, scatter_dim, gather_dim)
+
+
+def attention_2d(q, k, v, blocks: List[Optional[VarlenBlock]], scale: float, groups):
+    """MM-SP 2D attention of a local shard.
+
+    ``q [s,h,d]``, ``k/v [s,g,d]`` (this rank's tokens) -> ``[s,h,d]``. ``blocks[src]`` is the
+    layout's varlen call of this rank's ring shard against ring shard ``src``; ``groups`` an
+    :class:`~megatron_longvila.parallel.groups.MMSPGroups`.
+    """
+    U = groups.ulysses_size
+    h, g = q.shape[1], k.shape[1]
+    if U > 1:
+        if g % U != 0:
+            assert U % g == 0, f"KV heads {g} and Ulysses size {U}"
+            k = k.repeat_interleave(U // g, dim=1)
+            v = v.repeat_interleave(U // g, dim=1)
+        q = all_to_all(q, groups.ulysses_group, 1, 0)
+        k = all_to_all(k, groups.ulysses_group, 1, 0)
+        v = all_to_all(v, groups.ulysses_group, 1, 0)
+    out = ring_attention(q, k, v, blocks, scale, groups.ring_group, groups.ring_global_ranks,
+                         groups.ring_rank)
+    if U > 1:
+        out = all_to_all(out, groups.ulysses_group, 0, 1)
+    return out

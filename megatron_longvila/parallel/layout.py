@@ -1,0 +1,254 @@
+"""Where every token of a packed row lives under MM-SP, and which blocks of attention exist.
+
+Pure index arithmetic (no communication), built once per micro-batch and shared by the
+sharding code, the 2D attention of every layer and the balance report.
+
+Layout of an SP group of ``sp = ulysses x ring`` ranks (CP rank ``c = r * ulysses + u``):
+
+* The packed row (sub-sequences given by ``cu_seqlens``) is padded and cut into ``ring``
+  *ring shards* of equal length ``L``:
+  - ``ring_varlen``: contiguous pieces of the row;
+  - ``zigzag_ring_varlen``: every sub-sequence is cut into ``2 * ring`` equal chunks and ring
+    shard ``r`` takes chunks ``r`` and ``2 * ring - 1 - r`` of each sub-sequence, so causal work
+    is the same on every ring rank.
+* Each ring shard is cut into ``ulysses`` contiguous pieces; rank ``(u, r)`` holds piece ``u`` of
+  ring shard ``r``. The Ulysses all-to-all reassembles the ring shard (with ``heads / ulysses``
+  heads) on each rank of the Ulysses group.
+
+Padding goes only where the layout needs it: zigzag pads each sub-sequence to a multiple of
+``2 * ring`` (pad tokens at its end, invisible to its real tokens under the causal mask), and
+one trailing padding sub-sequence makes the length divisible by ``ring * ulysses * multiple_of``.
+Pad tokens are masked out of the loss by the sharding code.
+"""
+
+import math
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from .groups import RING_TYPES
+
+
+@dataclass
+class VarlenBlock:
+    """One varlen attention call between a query shard and a key/value shard.
+
+    Segment ``i`` lets local query rows ``q_ranges[i]`` attend to local key rows
+    ``k_ranges[i]``; with ``causal`` every segment is square and causally masked.
+    Query ranges are disjoint and increasing; rows in no segment get no contribution.
+    """
+    q_ranges: List[Tuple[int, int]]
+    k_ranges: List[Tuple[int, int]]
+    causal: bool
+    q_len: int
+    k_len: int
+    _cache: Dict = field(default_factory=dict, repr=False, compare=False)
+
+    def pairs(self) -> int:
+        """Number of attended (query, key) pairs."""
+        tot = 0
+        for (qs, qe), (ks, ke) in zip(self.q_ranges, self.k_ranges):
+            n, m = qe - qs, ke - ks
+            tot += n * (n + 1) // 2 if self.causal else n * m
+        return tot
+
+    @staticmethod
+    def _index(ranges, total):
+        if len(ranges) and ranges[0][0] == 0 and ranges[-1][1] == total and all(
+                a[1] == b[0] for a, b in zip(ranges[:-1], ranges[1:])):
+            return None  # identity
+        return torch.cat([torch.arange(s, e) for s, e in ranges]) if ranges else \
+            torch.zeros(0, dtype=torch.long)
+
+    def tensors(self, device):
+        """``(q_index|None, k_index|None, cu_q int32, cu_k int32, max_q, max_k)`` on ``device``."""
+        key = str(device)
+        if key not in self._cache:
+            qi, ki = self._index(self.q_ranges, self.q_len), self._index(self.k_ranges, self.k_len)
+            lq = [e - s for s, e in self.q_ranges]
+            lk = [e - s for s, e in self.k_ranges]
+            cu_q = torch.tensor([0] + list(_cumsum(lq)), dtype=torch.int32)
+            cu_k = torch.tensor([0] + list(_cumsum(lk)), dtype=torch.int32)
+            mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+            self._cache[key] = (mv(qi), mv(ki), cu_q.to(device), cu_k.to(device),
+                                max(lq, default=0), max(lk, default=0))
+        return self._cache[key]
+
+
+def _cumsum(xs):
+    t = 0
+    for x in xs:
+        t += x
+        yield t
+
+
+@dataclass
+class _Run:
+    doc: int
+    gstart: int  # in the padded row
+    gend: int
+    lstart: int  # in the ring shard
+
+    @property
+    def lend(self):
+        return self.lstart + self.gend - self.gstart
+
+
+class SequenceLayout:
+    """Token placement of one packed row under an MM-SP layout (see module docstring).
+
+    Args:
+        cu_seqlens: sub-sequence boundaries of the original row (``[n+1]``, last = length).
+        ring, ulysses: the SP split (``sp = ring * ulysses``).
+        ring_type: ``ring_varlen`` (contiguous) or ``zigzag_ring_varlen``.
+        multiple_of: each rank's local length is also a multiple of this (e.g. the TP size
+            under Megatron's sequence parallelism).
+    """
+
+    def __init__(self, cu_seqlens, ring: int = 1, ulysses: int = 1,
+                 ring_type: str = "zigzag_ring_varlen", multiple_of: int = 1):
+        if ring_type not in RING_TYPES:
+            raise ValueError(f"ring type {ring_type!r} not in {RING_TYPES}")
+        cu = [int(x) for x in (cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else cu_seqlens)]
+        self.ring, self.ulysses, self.sp = ring, ulysses, ring * ulysses
+        self.ring_type = ring_type
+        self.zigzag = ring_type == "zigzag_ring_varlen" and ring > 1
+        self.orig_len = cu[-1]
+        lens = [b - a for a, b in zip(cu[:-1], cu[1:]) if b > a]
+        starts = [a for a, b in zip(cu[:-1], cu[1:]) if b > a]
+        chunk = 2 * ring if self.zigzag else 1
+        plens = [math.ceil(n / chunk) * chunk for n in lens]
+        quantum = math.lcm(chunk, ring * ulysses * multiple_of)
+        total = sum(plens)
+        extra = (-total) % quantum
+        # documents of the padded row: (orig_start, orig_len, padded_start, padded_len)
+        self.docs = []
+        p = 0
+        for s, n, pn in zip(starts, lens, plens):
+            self.docs.append((s, n, p, pn))
+            p += pn
+        if extra:
+            self.docs.append((self.orig_len, 0, p, extra))
+            p += extra
+        self.padded_len = T = p
+        self.shard_len = T // ring  # ring shard length
+        self.local_len = T // self.sp
+        self.padded_cu_seqlens = torch.tensor([d[2] for d in self.docs] + [T], dtype=torch.int32)
+
+        o2p = []
+        for s, n, ps, pn in self.docs:
+            o2p.extend(range(ps, ps + n))
+        self.orig_to_padded = torch.tensor(o2p, dtype=torch.long)
+        self.is_pad = torch.ones(T, dtype=torch.bool)
+        self.is_pad[self.orig_to_padded] = False
+
+        # ring shards as runs of the padded row
+        self.runs: List[List[_Run]] = []
+        for r in range(ring):
+            runs, loc = [], 0
+            if self.zigzag:
+                for i, (_, _, ps, pn) in enumerate(self.docs):
+                    c = pn // (2 * ring)
+                    for j in (r, 2 * ring - 1 - r):
+                        runs.append(_Run(i, ps + j * c, ps + (j + 1) * c, loc))
+                        loc += c
+            else:
+                lo, hi = r * self.shard_len, (r + 1) * self.shard_len
+                for i, (_, _, ps, pn) in enumerate(self.docs):
+                    a, b = max(lo, ps), min(hi, ps + pn)
+                    if b > a:
+                        runs.append(_Run(i, a, b, loc))
+                        loc += b - a
+            assert loc == self.shard_len, (loc, self.shard_len)
+            self.runs.append(runs)
+        self.ring_shard_index = [torch.cat([torch.arange(x.gstart, x.gend) for x in runs])
+                                 for runs in self.runs]
+        self.rank_of = torch.empty(T, dtype=torch.long)
+        self.local_of = torch.empty(T, dtype=torch.long)
+        self.shard_index = []
+        for c in range(self.sp):
+            r, u = divmod(c, ulysses)
+            idx = self.ring_shard_index[r][u * self.local_len:(u + 1) * self.local_len]
+            self.shard_index.append(idx)
+            self.rank_of[idx] = c
+            self.local_of[idx] = torch.arange(self.local_len)
+        doc_of = torch.empty(T, dtype=torch.long)
+        for i, (_, _, ps, pn) in enumerate(self.docs):
+            doc_of[ps:ps + pn] = i
+        self.doc_of = doc_of
+
+    # ------------------------------------------------------------------ helpers
+
+    def ring_shard_block_pairs(self, r: int, src: int) -> int:
+        b = self.attention_block(r, src)
+        return 0 if b is None else b.pairs()
+
+    def local_cu_seqlens(self, cp_rank: int) -> torch.Tensor:
+        """Boundaries of document runs inside rank ``cp_rank``'s local shard (int32)."""
+        idx = self.shard_index[cp_rank]
+        d = self.doc_of[idx]
+        g = idx
+        brk = torch.nonzero((d[1:] != d[:-1]) | (g[1:] != g[:-1] + 1)).flatten() + 1
+        return torch.cat([torch.zeros(1, dtype=torch.long), brk,
+                          torch.tensor([len(idx)])]).to(torch.int32)
+
+    def attention_block(self, r: int, src: int) -> Optional[VarlenBlock]:
+        """The varlen call for queries of ring shard ``r`` against keys of ring shard ``src``."""
+        return _block(self, r, src)
+
+    def attention_blocks(self, r: int) -> List[Optional[VarlenBlock]]:
+        return [self.attention_block(r, s) for s in range(self.ring)]
+
+
+def _block(layout: SequenceLayout, r: int, src: int) -> Optional[VarlenBlock]:
+    cache = layout.__dict__.setdefault("_blocks", {})
+    if (r, src) in cache:
+        return cache[(r, src)]
+    L = layout.shard_len
+    if r == src:
+        # each document's runs are adjacent in the shard and ordered by position: causal over
+        # the concatenation is exactly "same document and key position <= query position".
+        ranges, cur = [], None
+        for x in layout.runs[r]:
+            if cur is not None and cur[0] == x.doc and cur[2] == x.lstart:
+                cur[2] = x.lend
+            else:
+                if cur is not None:
+                    ranges.append((cur[1], cur[2]))
+                cur = [x.doc, x.lstart, x.lend]
+        if cur is not None:
+            ranges.append((cur[1], cur[2]))
+        blk = VarlenBlock(ranges, list(ranges), True, L, L)
+    else:
+        qd: Dict[int, List[_Run]] = {}
+        kd: Dict[int, List[_Run]] = {}
+        for x in layout.runs[r]:
+            qd.setdefault(x.doc, []).append(x)
+        for x in layout.runs[src]:
+            kd.setdefault(x.doc, []).append(x)
+        qr, kr = [], []
+        for doc in sorted(set(qd) & set(kd)):
+            vis = {}
+            for a in qd[doc]:
+                for b in kd[doc]:
+                    if b.gend <= a.gstart:
+                        vis[(id(a), id(b))] = True
+                    elif b.gstart >= a.gend:
+                        vis[(id(a), id(b))] = False
+                    else:
+                        raise AssertionError("runs of different shards overlap")
+            qv = [a for a in qd[doc] if any(vis[(id(a), id(b))] for b in kd[doc])]
+            kv = [b for b in kd[doc] if any(vis[(id(a), id(b))] for a in qd[doc])]
+            if not qv:
+                continue
+            assert all(vis[(id(a), id(b))] for a in qv for b in kv), "block is not a product"
+            for runs in (qv, kv):
+                assert all(p.lend == n.lstart for p, n in zip(runs[:-1], runs[1:])), \
+                    "visible runs not adjacent"
+            qr.append((qv[0].lstart, qv[-1].lend))
+            kr.append((kv[0].lstart, kv[-1].lend))
+        blk = VarlenBlock(qr, kr, False, L, L) if qr else None
+    cache[(r, src)] = blk
+    return blk
