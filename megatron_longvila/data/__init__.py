@@ -1,0 +1,63 @@
+"""Data: video -> WebDataset shards, task encoder (chat template), packing, resumable loader.
+
+API (what the trainer, the demo and the tests call)
+---------------------------------------------------
+build_tokenizer(name_or_path, template=None, system_prompt="You are a helpful assistant.")
+    -> ChatTokenizer. "tiny" (in-process byte-level, ids < 512, qwen2 ChatML template), an HF
+    tokenizer directory (local files only; template "qwen2" | "llama3", guessed from the vocab
+    when None) or a sentencepiece ``.model`` file. Attributes: pad_id, eos_id, vocab_size,
+    template, hf (the transformers tokenizer or None).
+
+build_train_loader(data_paths, tokenizer, seq_length, micro_batch_size=1, tokens_per_frame=1,
+                   image_size=384, dp_rank=0, dp_size=1, seed=1234, num_workers=2,
+                   num_frames=None, drop_or_subsample="drop", shuffle=True, shuffle_buffer=64,
+                   epochs=None, prefetch_factor=2) -> LongVILALoader
+    data_paths: "dir", ["dir", ...], Megatron style [w1, "dir1", w2, "dir2"] or
+    [("dir", w), ...] (weighted blending). tokenizer: a ChatTokenizer or a name for
+    build_tokenizer. num_frames: use at most this many frames per sample (uniform subset).
+    drop_or_subsample: a sample longer than seq_length is dropped and counted ("drop") or keeps
+    the most frames that fit ("subsample"; dropped if even one frame is too long).
+    epochs=None streams forever (training); epochs=k stops after k epochs (tests, evaluation).
+    The loader is an iterator of micro-batches; state_dict() / load_state_dict(state) (a
+    JSON-able dict) resume the stream exactly (same data, dp_size/dp_rank, num_workers, seed,
+    lengths required; load_state_dict says which setting differs otherwise); stats() gives
+    batches / dropped / subsampled counts; close() stops the worker processes.
+    The batches depend on dp_rank only: every TP/SP/CP rank of one DP rank gets the same ones.
+
+make_synthetic_dataset(out_dir, num_videos=16, num_frames=4, image_size=32, seed=0,
+                       num_text_only=0, shard_max_samples=4, image_format="jpg", ...) -> str
+    Synthetic mp4 videos (PyAV) -> shards through the real preprocessing; returns the dataset
+    directory to pass as a data path.
+make_synthetic_videos(out_dir, num_videos, frames_per_video, width, height, fps, seed, ...)
+    -> path of the annotation JSON written next to ``videos/``.
+preprocess(annotation_path, out_dir, media_root=None, **PreprocessConfig fields)
+    -> PreprocessSummary (also the CLI tools/preprocess_videos.py).
+
+Micro-batch (dict), S = seq_length * micro_batch_size
+-----------------------------------------------------
+tokens [1, S] int64         IMAGE_TOKEN_INDEX (-200) x tokens_per_frame per frame, pad id at padding
+labels [1, S] int64         labels[t] = tokens[t+1] when t+1 is an assistant-answer token of the
+                            same sample, else IGNORE_INDEX (-100)
+position_ids [1, S] int64   restart at 0 for each sample (and for the padding segment)
+cu_seqlens int32 [n_seg+1]  sample boundaries; each packed row's padding is its own segment
+frames float32 [F, 3, H, W] SigLIP normalisation (x/255 - 0.5) / 0.5, in sample order
+                            ([0, 3, H, W] when the micro-batch has no frames)
+frames_per_sample int64 [n_seg]   0 for text-only samples and padding segments
+num_samples int, sample_keys list[str]  (webdataset __key__s)
+"""
+
+from .loader import LongVILALoader, build_train_loader, parse_data_paths, read_dataset
+from .packing import build_micro_batch, expand_sample
+from .preprocess import PreprocessConfig, PreprocessSummary, preprocess
+from .synthetic import make_synthetic_dataset, make_synthetic_videos
+from .task_encoder import EncodedSample, SampleError, TaskEncoder
+from .tokenizer import TEMPLATES, ChatTokenizer, build_tokenizer, make_tiny_hf_tokenizer
+from .video import MediaError, decode_video, resize_frame
+
+__all__ = [
+    "build_train_loader", "build_tokenizer", "make_synthetic_dataset", "make_synthetic_videos",
+    "preprocess", "PreprocessConfig", "PreprocessSummary", "LongVILALoader", "ChatTokenizer",
+    "TaskEncoder", "EncodedSample", "SampleError", "MediaError", "TEMPLATES", "decode_video",
+    "resize_frame", "build_micro_batch", "expand_sample", "parse_data_paths", "read_dataset",
+    "make_tiny_hf_tokenizer",
+]

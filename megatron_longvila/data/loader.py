@@ -1,0 +1,440 @@
+"""The streaming, packing, resumable loader (see ``data/__init__.py`` for the contract).
+
+Sample order (all of it a function of the seed, the DP rank/size and the worker count):
+  epoch e of dataset d: its shards in an order shuffled by (seed, d, e); their samples form one
+  stream of N samples; part p = dp_rank * W + worker (W = max(1, num_workers)) reads samples
+  [N*p/(dp_size*W), N*(p+1)/(dp_size*W)) of it (so DP ranks are disjoint and cover the epoch),
+  through a shuffle buffer seeded by (seed, d, e, p).
+  blending: draw k of a worker picks dataset d with probability weight_d, from an RNG seeded by
+  (seed, p, k).
+  packing: greedy, in stream order; a sample that does not fit closes the row and opens the next.
+State: per worker, the stream position where its next micro-batch starts (blend draw count,
+(epoch, offset) per dataset, dropped/subsampled counts), and how many micro-batches were
+delivered (which worker is next; torch's DataLoader serves workers round-robin). Restoring
+re-reads the raw bytes up to the offsets (no image decoding) and continues exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+from .packing import build_micro_batch
+from .task_encoder import EncodedSample, SampleError, TaskEncoder
+from .tokenizer import ChatTokenizer, build_tokenizer
+
+STATE_KEY = "_longvila_loader_state"
+STATE_VERSION = 1
+
+
+@dataclass
+class DatasetSpec:
+    path: str
+    weight: float
+    shards: List[Tuple[str, int]]  # (full path, sample count)
+
+    @property
+    def total(self) -> int:
+        return sum(c for _, c in self.shards)
+
+
+def read_dataset(path: str, weight: float = 1.0, split: str = "train") -> DatasetSpec:
+    """Shard list and counts of a dataset directory written by ``preprocess`` (or any energon
+    webdataset: ``.nv-meta/.info.json`` / ``.info.yaml`` and ``split.yaml``)."""
+    import yaml
+    meta = os.path.join(path, ".nv-meta")
+    if not os.path.isdir(meta):
+        raise FileNotFoundError(f"{path} is not a prepared dataset (no .nv-meta directory); "
+                                f"run tools/preprocess_videos.py first")
+    info_json, info_yaml = os.path.join(meta, ".info.json"), os.path.join(meta, ".info.yaml")
+    if os.path.exists(info_json):
+        with open(info_json) as f:
+            counts = json.load(f)["shard_counts"]
+    elif os.path.exists(info_yaml):
+        with open(info_yaml) as f:
+            counts = yaml.safe_load(f)["shard_counts"]
+    else:
+        raise FileNotFoundError(f"{meta} has neither .info.json nor .info.yaml")
+    names = list(counts)
+    split_file = os.path.join(meta, "split.yaml")
+    if os.path.exists(split_file):
+        with open(split_file) as f:
+            parts = (yaml.safe_load(f) or {}).get("split_parts", {})
+        if split in parts:
+            names = list(parts[split])
+    shards = []
+    for n in names:
+        full = os.path.join(path, n)
+        if not os.path.exists(full):
+            raise FileNotFoundError(f"shard {full} listed in {meta} does not exist")
+        if n not in counts:
+            raise ValueError(f"shard {n} of split {split!r} has no count in {meta}")
+        shards.append((full, int(counts[n])))
+    return DatasetSpec(path, float(weight), shards)
+
+
+def parse_data_paths(data_paths) -> List[Tuple[str, float]]:
+    """``"dir"``, ``["dir", ...]``, Megatron's ``[w1, "dir1", w2, "dir2"]`` or
+    ``[("dir", w), ...]`` -> [(dir, weight)]."""
+    if isinstance(data_paths, (str, os.PathLike)):
+        return [(str(data_paths), 1.0)]
+    items = list(data_paths)
+    if not items:
+        raise ValueError("no data paths given")
+    if all(isinstance(x, (tuple, list)) for x in items):
+        return [(str(p), float(w)) for p, w in items]
+
+    def is_num(x):
+        if isinstance(x, (int, float)):
+            return True
+        try:
+            float(x)
+            return not os.path.exists(str(x))
+        except (TypeError, ValueError):
+            return False
+
+    if len(items) % 2 == 0 and all(is_num(items[i]) for i in range(0, len(items), 2)):
+        out = [(str(items[i + 1]), float(items[i])) for i in range(0, len(items), 2)]
+    else:
+        out = [(str(p), 1.0) for p in items]
+    if any(w < 0 for _, w in out) or sum(w for _, w in out) <= 0:
+        raise ValueError(f"dataset weights must be >= 0 and not all 0: {out}")
+    return out
+
+
+def read_shard(path: str) -> Iterator[Dict[str, Any]]:
+    """Raw samples (bytes per field) of one tar, via webdataset's tar iterator (no decoding)."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+    with open(path, "rb") as f:
+        files = tar_file_expander([{"url": path, "stream": f}])
+        yield from group_by_keys(files)
+
+
+def _shuffled(it, size: int, rng: np.random.Generator):
+    buf: list = []
+    for x in it:
+        if len(buf) < size:
+            buf.append(x)
+            continue
+        i = int(rng.integers(len(buf)))
+        yield buf[i]
+        buf[i] = x
+    for i in rng.permutation(len(buf)):
+        yield buf[int(i)]
+
+
+class _Cursor:
+    """One dataset's sample stream for one (rank, worker) part, positioned at (epoch, offset)."""
+
+    def __init__(self, spec: DatasetSpec, d: int, cfg: "LoaderConfig", part: int, parts: int):
+        self.spec, self.d, self.cfg, self.part, self.parts = spec, d, cfg, part, parts
+        self.epoch, self.offset, self._it = 0, 0, None
+        n = spec.total
+        if n * (part + 1) // parts - n * part // parts == 0 and cfg.epochs is None:
+            raise ValueError(f"dataset {spec.path} has {n} samples: too few for dp_size * "
+                             f"workers = {parts} parts (each needs at least one)")
+
+    def seek(self, epoch: int, offset: int):
+        self.epoch, self.offset, self._it = int(epoch), int(offset), None
+
+    def _epoch_iter(self, epoch: int):
+        cfg, shards = self.cfg, self.spec.shards
+        order = np.arange(len(shards))
+        if cfg.shuffle:
+            order = np.random.default_rng([cfg.seed, self.d, epoch]).permutation(len(shards))
+        n = self.spec.total
+        a, b = n * self.part // self.parts, n * (self.part + 1) // self.parts
+
+        def raw():
+            pos = 0
+            for i in order:
+                path, c = shards[int(i)]
+                if pos + c <= a:
+                    pos += c
+                    continue
+                if pos >= b:
+                    break
+                skip, stop = max(0, a - pos), min(c, b - pos)
+                j = -1
+                for j, sample in enumerate(read_shard(path)):
+                    if j >= stop:
+                        break
+                    if j >= skip:
+                        yield sample
+                if j + 1 < stop:
+                    raise SampleError(f"shard {path} holds {j + 1} samples, its metadata says {c}")
+                pos += c
+
+        if cfg.shuffle and cfg.shuffle_buffer > 1:
+            rng = np.random.default_rng([cfg.seed, self.d, epoch, self.part, 1])
+            return _shuffled(raw(), cfg.shuffle_buffer, rng)
+        return raw()
+
+    def next(self):
+        """Next raw sample; StopIteration when ``epochs`` is set and they are done."""
+        while True:
+            if self.cfg.epochs is not None and self.epoch >= self.cfg.epochs:
+                raise StopIteration
+            if self._it is None:
+                self._it = self._epoch_iter(self.epoch)
+                for _ in range(self.offset):  # replay (raw bytes only) to the saved offset
+                    next(self._it)
+            try:
+                x = next(self._it)
+                self.offset += 1
+                return x
+            except StopIteration:
+                self.epoch, self.offset, self._it = self.epoch + 1, 0, None
+
+
+@dataclass
+class LoaderConfig:
+    seq_length: int
+    micro_batch_size: int
+    tokens_per_frame: int
+    image_size: int
+    dp_rank: int
+    dp_size: int
+    seed: int
+    num_workers: int
+    num_frames: Optional[int]
+    drop_or_subsample: str
+    shuffle: bool
+    shuffle_buffer: int
+    epochs: Optional[int]
+
+
+def _initial_worker_state(n_datasets: int) -> Dict[str, Any]:
+    return {"draws": 0, "datasets": [[0, 0] for _ in range(n_datasets)], "dropped": 0,
+            "subsampled": 0}
+
+
+class _Source:
+    """Encoded samples of one worker part, blended over datasets, with drop/subsample."""
+
+    def __init__(self, specs, cfg: LoaderConfig, encoder: TaskEncoder, part: int, parts: int,
+                 state: Dict[str, Any]):
+        self.cfg, self.encoder, self.part = cfg, encoder, part
+        self.cursors = [_Cursor(s, d, cfg, part, parts) for d, s in enumerate(specs)]
+        self.weights = np.array([s.weight for s in specs], dtype=np.float64)
+        self.draws = int(state["draws"])
+        for c, (e, o) in zip(self.cursors, state["datasets"]):
+            c.seek(e, o)
+        self.dropped, self.subsampled = int(state["dropped"]), int(state["subsampled"])
+        self.dead = set()
+
+    def snapshot(self) -> Dict[str, Any]:
+        return {"draws": self.draws, "datasets": [[c.epoch, c.offset] for c in self.cursors],
+                "dropped": self.dropped, "subsampled": self.subsampled}
+
+    def _choose(self) -> int:
+        w = self.weights.copy()
+        for d in self.dead:
+            w[d] = 0
+        if w.sum() <= 0:
+            raise StopIteration
+        if len(w) == 1:
+            return 0
+        u = np.random.default_rng([self.cfg.seed, self.part, self.draws, 2]).random()
+        return int(min(np.searchsorted(np.cumsum(w) / w.sum(), u, side="right"), len(w) - 1))
+
+    def __iter__(self):
+        cfg = self.cfg
+        while True:
+            snap = self.snapshot()
+            try:
+                d = self._choose()
+            except StopIteration:
+                return
+            try:
+                raw = self.cursors[d].next()
+            except StopIteration:
+                self.dead.add(d)
+                continue
+            self.draws += 1
+            s = self.encoder.encode_sample(raw, d)
+            if s.packed_length(cfg.tokens_per_frame) > cfg.seq_length:
+                sub = None
+                if cfg.drop_or_subsample == "subsample":
+                    sub = self.encoder.subsample_to_fit(s, cfg.seq_length, cfg.tokens_per_frame)
+                if sub is None:
+                    self.dropped += 1
+                    continue
+                self.subsampled += 1
+                s = sub
+            yield snap, s
+
+
+class PackedStream(torch.utils.data.IterableDataset):
+    """Micro-batches of one DP rank; in a DataLoader each worker produces its own part."""
+
+    def __init__(self, specs: List[DatasetSpec], cfg: LoaderConfig, encoder: TaskEncoder,
+                 pad_id: int):
+        self.specs, self.cfg, self.encoder, self.pad_id = specs, cfg, encoder, pad_id
+        self.worker_states: List[Dict[str, Any]] = []
+        self.rotation = 0
+
+    def iter_worker(self, logical: int) -> Iterator[dict]:
+        cfg = self.cfg
+        W = max(1, cfg.num_workers)
+        part = cfg.dp_rank * W + logical
+        src = _Source(self.specs, cfg, self.encoder, part, cfg.dp_size * W,
+                      self.worker_states[logical])
+        it = iter(src)
+        pending: Optional[Tuple[dict, EncodedSample]] = None
+        done = False
+        while not done:
+            rows: List[List[EncodedSample]] = []
+            for _ in range(cfg.micro_batch_size):
+                row, used = [], 0
+                while True:
+                    if pending is None:
+                        try:
+                            pending = next(it)
+                        except StopIteration:
+                            done = True
+                            break
+                    L = pending[1].packed_length(cfg.tokens_per_frame)
+                    if used + L > cfg.seq_length:
+                        break
+                    row.append(pending[1])
+                    used += L
+                    pending = None
+                if row:
+                    rows.append(row)
+                if done:
+                    break
+            if not rows:
+                return
+            resume = pending[0] if pending is not None else src.snapshot()
+            batch = build_micro_batch(rows, cfg.seq_length, cfg.micro_batch_size,
+                                      cfg.tokens_per_frame, self.pad_id, cfg.image_size)
+            batch[STATE_KEY] = {"worker": logical, "state": copy.deepcopy(resume)}
+            yield batch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        W = max(1, self.cfg.num_workers)
+        phys = info.id if info is not None else 0
+        return self.iter_worker((phys + self.rotation) % W)
+
+
+class LongVILALoader:
+    """Iterator of micro-batches with ``state_dict()`` / ``load_state_dict()`` (JSON-able)."""
+
+    def __init__(self, specs: List[DatasetSpec], cfg: LoaderConfig, tokenizer: ChatTokenizer,
+                 prefetch_factor: int = 2):
+        if cfg.drop_or_subsample not in ("drop", "subsample"):
+            raise ValueError(f"drop_or_subsample must be 'drop' or 'subsample', "
+                             f"not {cfg.drop_or_subsample!r}")
+        if not 0 <= cfg.dp_rank < cfg.dp_size:
+            raise ValueError(f"dp_rank {cfg.dp_rank} not in [0, dp_size={cfg.dp_size})")
+        if cfg.seq_length <= 0 or cfg.micro_batch_size <= 0 or cfg.tokens_per_frame <= 0:
+            raise ValueError("seq_length, micro_batch_size and tokens_per_frame must be positive")
+        if not any(s.total for s in specs):
+            raise ValueError(f"no samples in {[s.path for s in specs]}")
+        self.specs, self.cfg, self.tokenizer = specs, cfg, tokenizer
+        self.prefetch_factor = prefetch_factor
+        self.encoder = TaskEncoder(tokenizer, num_frames=cfg.num_frames)
+        self._stream = PackedStream(specs, cfg, self.encoder, tokenizer.pad_id)
+        W = max(1, cfg.num_workers)
+        self._state = {"version": STATE_VERSION, "batches": 0,
+                       "workers": [_initial_worker_state(len(specs)) for _ in range(W)],
+                       "config": self._identity()}
+        self._it = None
+        self._dl_iter = None
+
+    def _identity(self) -> Dict[str, Any]:
+        c = self.cfg
+        return {"datasets": [[s.weight, s.total] for s in self.specs],
+                "dp_rank": c.dp_rank, "dp_size": c.dp_size, "num_workers": max(1, c.num_workers),
+                "seed": c.seed, "seq_length": c.seq_length, "micro_batch_size": c.micro_batch_size,
+                "tokens_per_frame": c.tokens_per_frame, "num_frames": c.num_frames,
+                "drop_or_subsample": c.drop_or_subsample, "shuffle": c.shuffle,
+                "shuffle_buffer": c.shuffle_buffer, "epochs": c.epochs}
+
+    # -- state
+    def state_dict(self) -> Dict[str, Any]:
+        return copy.deepcopy(self._state)
+
+    def load_state_dict(self, state: Dict[str, Any]):
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"not a loader state of version {STATE_VERSION}: {str(state)[:200]}")
+        mine, theirs = self._identity(), state.get("config", {})
+        diff = {k: (theirs.get(k), v) for k, v in mine.items() if theirs.get(k) != v}
+        if diff:
+            raise ValueError("loader state was saved with other settings; it would not resume "
+                             "the same stream: " + ", ".join(f"{k}: saved {a!r}, now {b!r}"
+                                                             for k, (a, b) in diff.items()))
+        self._shutdown()
+        self._state = copy.deepcopy(state)
+
+    def stats(self) -> Dict[str, int]:
+        w = self._state["workers"]
+        return {"batches": self._state["batches"], "dropped": sum(x["dropped"] for x in w),
+                "subsampled": sum(x["subsampled"] for x in w)}
+
+    # -- iteration
+    def _start(self):
+        W = max(1, self.cfg.num_workers)
+        self._stream.worker_states = copy.deepcopy(self._state["workers"])
+        self._stream.rotation = self._state["batches"] % W
+        if self.cfg.num_workers <= 0:
+            self._it = self._stream.iter_worker(0)
+        else:
+            dl = torch.utils.data.DataLoader(self._stream, batch_size=None,
+                                             num_workers=self.cfg.num_workers,
+                                             prefetch_factor=self.prefetch_factor,
+                                             multiprocessing_context="fork")
+            self._dl_iter = iter(dl)
+            self._it = self._dl_iter
+
+    def _shutdown(self):
+        if self._dl_iter is not None and hasattr(self._dl_iter, "_shutdown_workers"):
+            self._dl_iter._shutdown_workers()
+        self._dl_iter = None
+        self._it = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._it is None:
+            self._start()
+        batch = next(self._it)
+        meta = batch.pop(STATE_KEY)
+        self._state["workers"][int(meta["worker"])] = meta["state"]
+        self._state["batches"] += 1
+        return batch
+
+    def close(self):
+        self._shutdown()
+
+    def __del__(self):
+        try:
+            self._shutdown()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def build_train_loader(data_paths, tokenizer: Union[str, ChatTokenizer], seq_length: int,
+                       micro_batch_size: int = 1, tokens_per_frame: int = 1,
+                       image_size: int = 384, dp_rank: int = 0, dp_size: int = 1,
+                       seed: int = 1234, num_workers: int = 2, num_frames: Optional[int] = None,
+                       drop_or_subsample: str = "drop", shuffle: bool = True,
+                       shuffle_buffer: int = 64, epochs: Optional[int] = None,
+                       prefetch_factor: int = 2) -> LongVILALoader:
+    if isinstance(tokenizer, str):
+        tokenizer = build_tokenizer(tokenizer)
+    specs = [read_dataset(p, w) for p, w in parse_data_paths(data_paths)]
+    cfg = LoaderConfig(int(seq_length), int(micro_batch_size), int(tokens_per_frame),
+                       int(image_size), int(dp_rank), int(dp_size), int(seed), int(num_workers),
+                       None if num_frames is None else int(num_frames), drop_or_subsample,
+                       bool(shuffle), int(shuffle_buffer), None if epochs is None else int(epochs))
+    return LongVILALoader(specs, cfg, tokenizer, prefetch_factor=prefetch_factor)
