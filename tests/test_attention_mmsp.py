@@ -5,7 +5,7 @@ import torch
 
 from megatron_longvila.parallel.attention import varlen_attention
 from megatron_longvila.parallel.layout import SequenceLayout
-from tests.dist import run_distributed
+from dist import run_distributed
 
 CU = [0, 13, 20, 41, 44]  # uneven documents
 

@@ -1,0 +1,229 @@
+"""MM-SP sharding of one micro-batch: tokens (stage 2), frames (stage 1), the route of the
+projected visual embeddings between them, and the loss across the SP group.
+
+Every rank of an SP group holds the whole micro-batch (the loader splits by data-parallel
+rank only), so every plan below is computed locally, identically on all SP ranks, with no
+communication; only the embeddings and the loss terms travel.
+"""
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+from megatron.core.packed_seq_params import PackedSeqParams
+
+from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from .layout import SequenceLayout, VarlenBlock
+
+PAD_TOKEN_ID = 0
+
+
+# ------------------------------------------------------------------ stage 2: tokens
+
+def pad_row(x: torch.Tensor, layout: SequenceLayout, fill) -> torch.Tensor:
+    """Original row ``x [S, ...]`` -> padded row ``[T, ...]`` (``fill`` at pad positions)."""
+    out = torch.full((layout.padded_len,) + tuple(x.shape[1:]), fill, dtype=x.dtype,
+                     device=x.device)
+    return out.index_copy(0, layout.orig_to_padded.to(x.device), x)
+
+
+def padded_position_ids(position_ids: torch.Tensor, layout: SequenceLayout) -> torch.Tensor:
+    """Global position ids of the padded row: real tokens keep theirs; a sub-sequence's pad
+    tokens continue its positions; the trailing padding sub-sequence counts from 0."""
+    pos = pad_row(position_ids, layout, 0)
+    for s, n, ps, pn in layout.docs:
+        if pn > n:
+            first = int(position_ids[s + n - 1]) + 1 if n else 0
+            pos[ps + n:ps + pn] = torch.arange(first, first + pn - n, dtype=pos.dtype)
+    return pos
+
+
+@dataclass
+class TokenShard:
+    """This rank's share of the packed row (``[1, s_local]`` tensors, padded layout order)."""
+    tokens: torch.Tensor
+    labels: Optional[torch.Tensor]
+    position_ids: torch.Tensor
+    index: torch.Tensor  # padded-row positions of the local tokens
+
+
+def shard_tokens(layout: SequenceLayout, cp_rank: int, tokens: torch.Tensor,
+                 position_ids: torch.Tensor, labels: Optional[torch.Tensor] = None) -> TokenShard:
+    """Cut ``tokens / labels / position_ids [1, S]`` to rank ``cp_rank``'s shard.
+
+    Pad tokens get token id 0 and label ``IGNORE_INDEX`` (out of the loss); positions stay
+    global, so RoPE sees true positions.
+    """
+    idx = layout.shard_index[cp_rank].to(tokens.device)
+    tok = pad_row(tokens[0], layout, PAD_TOKEN_ID)[idx][None]
+    pos = padded_position_ids(position_ids[0], layout)[idx][None]
+    lab = None if labels is None else pad_row(labels[0], layout, IGNORE_INDEX)[idx][None]
+    return TokenShard(tok, lab, pos, idx)
+
+
+def gather_sequence(x_local: torch.Tensor, layout: SequenceLayout, group, dim: int = 0):
+    """All-gather rank shards along ``dim`` and return the ORIGINAL row order (pads dropped).
+
+    Used for logits/tests and for a long prefill whose full output is wanted. No autograd.
+    """
+    x_local = x_local.contiguous()
+    parts = [torch.empty_like(x_local) for _ in range(layout.sp)]
+    dist.all_gather(parts, x_local, group=group)
+    full = torch.empty((layout.padded_len,) + tuple(x_local.movedim(dim, 0).shape[1:]),
+                       dtype=x_local.dtype, device=x_local.device)
+    for c, p in enumerate(parts):
+        full[layout.shard_index[c].to(x_local.device)] = p.movedim(dim, 0)
+    return full[layout.orig_to_padded.to(x_local.device)].movedim(0, dim)
+
+
+# ------------------------------------------------------------------ stage 1: frames
+
+def split_frames(frame_tokens: Sequence[int], sp: int) -> List[Tuple[int, int]]:
+    """Contiguous frame ranges, one per SP rank, balanced by visual tokens.
+
+    ``frame_tokens[f]`` is the number of visual tokens of frame ``f``. Frame ``f`` goes to the
+    rank whose share of the total tokens holds its midpoint, so with equal frames the ranks
+    differ by at most one frame.
+    """
+    total = sum(frame_tokens)
+    bounds = [0] * (sp + 1)
+    acc = 0
+    owner = []
+    for t in frame_tokens:
+        mid2 = 2 * acc + t  # 2 * midpoint, integer arithmetic
+        owner.append(min(sp - 1, (mid2 * sp) // (2 * total)) if total else 0)
+        acc += t
+    for c in range(sp):
+        bounds[c + 1] = bounds[c] + sum(1 for o in owner if o == c)
+    return [(bounds[c], bounds[c + 1]) for c in range(sp)]
+
+
+@dataclass
+class VisionRoute:
+    """Where this rank's projected visual tokens go, and where the received ones land.
+
+    ``send_perm``: order of the local visual tokens (frames ``frames[0]:frames[1]``, flattened)
+    grouped by destination rank; ``send_counts`` / ``recv_counts`` per rank;
+    ``recv_perm``: index into the received tokens giving the local placeholder order (None if
+    already in order).
+    """
+    frames: Tuple[int, int]
+    send_perm: Optional[torch.Tensor]
+    send_counts: List[int]
+    recv_counts: List[int]
+    recv_perm: Optional[torch.Tensor]
+    n_local_slots: int
+
+
+def build_vision_route(layout: SequenceLayout, cp_rank: int, tokens: torch.Tensor,
+                       tokens_per_frame: int, n_frames: int,
+                       frame_ranges: Optional[List[Tuple[int, int]]] = None) -> VisionRoute:
+    """Plan stage 1 for rank ``cp_rank``: which frames it encodes and how the embeddings travel
+    to the ranks whose token shards hold their placeholders."""
+    sp = layout.sp
+    if frame_ranges is None:
+        frame_ranges = split_frames([tokens_per_frame] * n_frames, sp)
+    vis_pos = torch.nonzero(tokens[0].cpu() == IMAGE_TOKEN_INDEX).flatten()
+    V = n_frames * tokens_per_frame
+    if vis_pos.numel() != V:
+        raise ValueError(f"the tokens hold {vis_pos.numel()} visual placeholder positions but the "
+                         f"frames give {V} visual tokens ({tokens_per_frame} per frame)")
+    ppos = layout.orig_to_padded[vis_pos]
+    owner = layout.rank_of[ppos]            # [V] destination rank of visual token v
+    local = layout.local_of[ppos]           # [V] its local slot index on the owner
+    enc = torch.empty(V, dtype=torch.long)  # [V] encoding rank
+    for c, (a, b) in enumerate(frame_ranges):
+        enc[a * tokens_per_frame:b * tokens_per_frame] = c
+    a, b = frame_ranges[cp_rank]
+    mine = torch.arange(a * tokens_per_frame, b * tokens_per_frame)
+    send_perm = torch.sort(owner[mine], stable=True).indices
+    send_counts = torch.bincount(owner[mine], minlength=sp).tolist()
+    incoming = torch.nonzero(owner == cp_rank).flatten()          # v order
+    order = torch.sort(enc[incoming], stable=True).indices       # arrival order: by source, v
+    arrival = incoming[order]
+    recv_counts = torch.bincount(enc[incoming], minlength=sp).tolist()
+    # local placeholder order is increasing local slot index
+    recv_perm = torch.sort(local[arrival], stable=True).indices
+    ident = lambda p: None if torch.equal(p, torch.arange(len(p))) else p  # noqa: E731
+    return VisionRoute((a, b), ident(send_perm), send_counts, recv_counts, ident(recv_perm),
+                       len(incoming))
+
+
+class _RouteAllToAll(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, send_counts, recv_counts, group):
+        ctx.args = (send_counts, recv_counts, group)
+        return _a2a_uneven(x, send_counts, recv_counts, group)
+
+    @staticmethod
+    def backward(ctx, g):
+        send_counts, recv_counts, group = ctx.args
+        return _a2a_uneven(g.contiguous(), recv_counts, send_counts, group), None, None, None
+
+
+def _a2a_uneven(x, send_counts, recv_counts, group):
+    out = x.new_empty((sum(recv_counts),) + tuple(x.shape[1:]))
+    dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=group)
+    return out
+
+
+def route_visual_embeddings(emb: torch.Tensor, route: VisionRoute, group) -> torch.Tensor:
+    """``emb [n_local_visual_tokens, h]`` (this rank's frames, in order) ->
+    ``[n_local_slots, h]``: the embeddings of this rank's placeholders, in local order.
+    Autograd-aware: gradients go back to the encoding ranks through the reverse all-to-all."""
+    if route.send_perm is not None:
+        emb = emb.index_select(0, route.send_perm.to(emb.device))
+    out = _RouteAllToAll.apply(emb, route.send_counts, route.recv_counts, group)
+    if route.recv_perm is not None:
+        out = out.index_select(0, route.recv_perm.to(out.device))
+    return out
+
+
+# ------------------------------------------------------------------ attention context
+
+@dataclass
+class MMSPContext:
+    """What the 2D attention of every layer needs for one micro-batch."""
+    layout: SequenceLayout
+    groups: object  # MMSPGroups
+    blocks: List[Optional[VarlenBlock]]
+
+
+@dataclass
+class MMSPPackedSeqParams(PackedSeqParams):
+    """``PackedSeqParams`` (local shard boundaries in ``cu_seqlens_q``) + the global layout."""
+    mmsp: Optional[MMSPContext] = None
+
+
+def make_packed_seq_params(layout: SequenceLayout, groups, device=None) -> MMSPPackedSeqParams:
+    cu = layout.local_cu_seqlens(groups.sp_rank)
+    if device is not None:
+        cu = cu.to(device)
+    mx = int((cu[1:] - cu[:-1]).max())
+    ctx = MMSPContext(layout, groups, layout.attention_blocks(groups.ring_rank))
+    return MMSPPackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                               max_seqlen_q=mx, max_seqlen_kv=mx, mmsp=ctx)
+
+
+# ------------------------------------------------------------------ loss
+
+def sp_loss(token_losses: torch.Tensor, loss_mask: torch.Tensor, group=None):
+    """Mean token loss over the whole SP group, equal to the single-process loss.
+
+    The per-rank sum of token losses and the per-rank token count are all-reduced (sum) over
+    ``group``. The returned loss has the global value; its gradient is this rank's share
+    (``d local_sum / global_count``), so the gradients summed over the SP ranks are the
+    single-process gradients. (Megatron's DDP averages over DP x CP: scale by the CP size
+    there, as Megatron-LM's own CP loss does.) Returns ``(loss, global_sum, global_count)``.
+    """
+    mask = loss_mask.to(token_losses.dtype)
+    local_sum = (token_losses * mask).sum()
+    local_cnt = mask.sum()
+    stats = torch.stack([local_sum.detach(), local_cnt.detach()]).to(torch.float64)
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(stats, group=group)
+    gsum = stats[0].to(token_losses.dtype)
+    gcnt = stats[1].to(token_losses.dtype)
+    loss = (local_sum + (gsum - local_sum.detach())) / gcnt.clamp(min=1)
+    return loss, gsum, gcnt
