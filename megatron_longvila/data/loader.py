@@ -31,6 +31,7 @@ from .tokenizer import ChatTokenizer, build_tokenizer
 
 STATE_KEY = "_longvila_loader_state"
 STATE_VERSION = 1
+MAX_DROPS_IN_A_ROW = 1000
 
 
 @dataclass
@@ -246,6 +247,7 @@ class _Source:
 
     def __iter__(self):
         cfg = self.cfg
+        run_of_drops = 0
         while True:
             snap = self.snapshot()
             try:
@@ -265,9 +267,16 @@ class _Source:
                     sub = self.encoder.subsample_to_fit(s, cfg.seq_length, cfg.tokens_per_frame)
                 if sub is None:
                     self.dropped += 1
+                    run_of_drops += 1
+                    if run_of_drops >= MAX_DROPS_IN_A_ROW:
+                        raise ValueError(
+                            f"{run_of_drops} samples in a row are longer than seq_length="
+                            f"{cfg.seq_length} (with tokens_per_frame={cfg.tokens_per_frame}); "
+                            f"raise seq_length, lower num_frames or use drop_or_subsample='subsample'")
                     continue
                 self.subsampled += 1
                 s = sub
+            run_of_drops = 0
             yield snap, s
 
 
@@ -311,6 +320,9 @@ class PackedStream(torch.utils.data.IterableDataset):
                 if done:
                     break
             if not rows:
+                # End of a finite stream: hand the final counts (drops) to the main process.
+                yield {STATE_KEY: {"worker": logical, "state": copy.deepcopy(src.snapshot()),
+                                   "final": True}}
                 return
             resume = pending[0] if pending is not None else src.snapshot()
             batch = build_micro_batch(rows, cfg.seq_length, cfg.micro_batch_size,
@@ -339,6 +351,11 @@ class LongVILALoader:
             raise ValueError("seq_length, micro_batch_size and tokens_per_frame must be positive")
         if not any(s.total for s in specs):
             raise ValueError(f"no samples in {[s.path for s in specs]}")
+        parts = cfg.dp_size * max(1, cfg.num_workers)
+        for s in specs:
+            if s.total < parts and cfg.epochs is None:
+                raise ValueError(f"dataset {s.path} has {s.total} samples: too few for dp_size * "
+                                 f"max(1, num_workers) = {parts} parts (each needs at least one)")
         self.specs, self.cfg, self.tokenizer = specs, cfg, tokenizer
         self.prefetch_factor = prefetch_factor
         self.encoder = TaskEncoder(tokenizer, num_frames=cfg.num_frames)
@@ -407,9 +424,12 @@ class LongVILALoader:
     def __next__(self) -> dict:
         if self._it is None:
             self._start()
-        batch = next(self._it)
-        meta = batch.pop(STATE_KEY)
-        self._state["workers"][int(meta["worker"])] = meta["state"]
+        while True:
+            batch = next(self._it)
+            meta = batch.pop(STATE_KEY)
+            self._state["workers"][int(meta["worker"])] = meta["state"]
+            if not meta.get("final"):
+                break
         self._state["batches"] += 1
         return batch
 
