@@ -7,8 +7,13 @@ This module is that submodule. Packed (document-masked) sequences arrive through
 ``packed_seq_params`` in ``sbhd`` form: ``cu_seqlens_q`` holds the sub-sequence boundaries of
 the (local) token dimension ``s`` (batch is 1 for packed input).
 
-At context-parallel size 1 it runs attention locally. At context-parallel size > 1 the
-MM-SP 2D attention of :mod:`megatron_longvila.parallel` takes over.
+At context-parallel size 1 it runs attention locally: on CUDA (fp16/bf16) one varlen flash
+call for the whole packed row (``aten._flash_attention_forward``), elsewhere torch's SDPA per
+sub-sequence. At context-parallel size > 1 the sharding code passes
+:class:`~megatron_longvila.parallel.sharding.MMSPPackedSeqParams` whose ``mmsp`` context holds
+the global layout, and the MM-SP 2D attention of :mod:`megatron_longvila.parallel.attention`
+(Ulysses x ring) takes over. The vision tower (config CP size 1, no MM-SP context) always runs
+locally: MM-SP splits its frames, not its patches.
 """
 
 from typing import Optional
@@ -68,6 +73,30 @@ class LongVILACoreAttention(MegatronModule):
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         causal = mask_type == AttnMaskType.causal
         cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
+        mmsp = getattr(packed_seq_params, "mmsp", None)
+        if mmsp is not None:
+            from ..parallel.attention import attention_2d
+            if not causal:
+                raise ValueError("MM-SP 2D attention is causal (language model) only")
+            s, b = query.shape[:2]
+            assert b == 1, "MM-SP packed sequences use batch size 1"
+            out = attention_2d(query[:, 0], key[:, 0], value[:, 0], mmsp.blocks,
+                               self.softmax_scale, mmsp.groups)
+            return out.reshape(s, b, -1)
+        if self.config.context_parallel_size > 1:
+            raise ValueError("context-parallel size > 1 needs the MM-SP layout: build the batch "
+                             "with megatron_longvila.parallel (LongVILAModel does this)")
+        if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[1] == 1:
+            from ..parallel.attention import ring_attention, varlen_block
+            s = query.shape[0]
+            # one varlen block per micro-batch, shared by all layers (no host sync per layer)
+            blk = getattr(packed_seq_params, "_varlen_block", None)
+            if blk is None or blk.causal != causal:
+                blk = varlen_block([0, s] if cu is None else cu, causal, s)
+                if packed_seq_params is not None:
+                    packed_seq_params._varlen_block = blk
+            out = ring_attention(query[:, 0], key[:, 0], value[:, 0], [blk], self.softmax_scale)
+            return out.reshape(s, 1, -1)
         out = local_attention(query, key, value, causal, self.softmax_scale, cu)
         s, b = out.shape[:2]
         return out.reshape(s, b, -1)

@@ -37,7 +37,8 @@ def rope_frequencies(position_ids: torch.Tensor, dim: int, base: float) -> torch
 
 class LongVILAModel(MegatronModule):
     def __init__(self, config: LongVILAConfig, dtype=torch.float32, transformer_impl="local",
-                 sequence_parallel=False, recompute=None):
+                 sequence_parallel=False, recompute=None,
+                 seq_parallel_ring_type: str = "zigzag_ring_varlen"):
         cpu_compat.enable()
         tp = parallel_state.get_tensor_model_parallel_world_size()
         cp = parallel_state.get_context_parallel_world_size()
@@ -50,6 +51,9 @@ class LongVILAModel(MegatronModule):
         super().__init__(config=tconfig)
         self.cfg = config
         self.transformer_impl = impl
+        # MM-SP (context-parallel size > 1): token layout of the ring; see parallel/mmsp.py
+        self.seq_parallel_ring_type = seq_parallel_ring_type
+        self.mmsp_batch = None  # sharding of the last SP>1 micro-batch
         self.vision_model = SiglipVisionEncoder(
             config.vision, vision_transformer_config(config.vision, dtype, tp, recompute),
             config.vision_layers_used, impl)
@@ -132,6 +136,14 @@ class LongVILAModel(MegatronModule):
                 frames: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 cu_seqlens: Optional[torch.Tensor] = None,
                 frames_per_sample: Optional[torch.Tensor] = None, parallel_output: bool = True):
+        if parallel_state.get_context_parallel_world_size() > 1:
+            # MM-SP: returns the outputs of this rank's token shard; the shard (labels, layout)
+            # is left in self.mmsp_batch for the loss (parallel.sharding.sp_loss) and gathering.
+            from ..parallel.mmsp import mmsp_forward
+            out, self.mmsp_batch = mmsp_forward(self, tokens, position_ids, frames, labels,
+                                                cu_seqlens, parallel_output,
+                                                self.seq_parallel_ring_type)
+            return out
         visual = None
         if frames is not None and frames.shape[0] > 0:
             visual = self.encode_frames(frames).flatten(0, 1)

@@ -257,12 +257,16 @@ def ring_attention(q, k, v, blocks: List[Optional[VarlenBlock]], scale: float,
     return RingAttention.apply(q, k, v, blocks, scale, ring_group, list(ring_ranks), ring_rank)
 
 
+def varlen_block(cu_seqlens, causal: bool, length: int) -> VarlenBlock:
+    """The single-rank block of a packed row: each sub-sequence attends to itself."""
+    cu = [int(x) for x in (cu_seqlens.tolist() if torch.is_tensor(cu_seqlens) else cu_seqlens)]
+    ranges = [(a, b) for a, b in zip(cu[:-1], cu[1:]) if b > a]
+    return VarlenBlock(ranges, list(ranges), causal, length, length)
+
+
 def varlen_attention(q, k, v, cu_seqlens, causal: bool, scale: float):
     """Single-rank varlen attention through the same kernels (``[s,h,d]`` in and out)."""
-    cu = [int(x) for x in cu_seqlens.tolist()]
-    ranges = [(a, b) for a, b in zip(cu[:-1], cu[1:]) if b > a]
-    blk = VarlenBlock(ranges, list(ranges), causal, q.shape[0], k.shape[0])
-    return ring_attention(q, k, v, [blk], scale)
+    return ring_attention(q, k, v, [varlen_block(cu_seqlens, causal, q.shape[0])], scale)
 
 
 # ------------------------------------------------------------------ Ulysses

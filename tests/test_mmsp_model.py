@@ -1,0 +1,85 @@
+"""LongVILAModel under MM-SP (gloo, CPU) == the single-process model on the same weights and
+the same packed batch: logits of every token, the loss, and every parameter gradient."""
+
+import pytest
+import torch
+
+from dist import run_distributed
+from megatron_longvila import cpu_compat
+from megatron_longvila.constants import IGNORE_INDEX
+from megatron_longvila.models import LongVILAModel
+from modelutil import full_mcore_state_from_hf, hf_modules, packed_batch, tiny_config
+
+
+def _worker(rank, world, tp, cp, ring, ring_type, full_sd, cfg_dict, batch):
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from megatron_longvila.conversion.tp import gather_full_tensor, load_full_state_dict
+    from megatron_longvila.models.config import LongVILAConfig
+    from megatron_longvila.parallel.groups import initialize_mmsp
+    from megatron_longvila.parallel.sharding import gather_sequence, sp_loss
+
+    cfg = LongVILAConfig.from_dict(cfg_dict)
+    grp = initialize_mmsp(tp=tp, cp=cp, ring=ring, num_heads=cfg.llm.num_attention_heads,
+                          num_kv_heads=cfg.llm.num_query_groups)
+    cpu_compat.model_parallel_seed(0)
+    model = LongVILAModel(cfg, seq_parallel_ring_type=ring_type)
+    load_full_state_dict(model, full_sd)
+    args = (batch["tokens"], batch["position_ids"], batch["frames"])
+    logits = model(*args, cu_seqlens=batch["cu_seqlens"], parallel_output=False)
+    losses = model(*args, batch["labels"], batch["cu_seqlens"])
+    if cp > 1:
+        mb = model.mmsp_batch
+        assert logits.shape[1] == mb.layout.local_len < batch["tokens"].shape[1]
+        logits = gather_sequence(logits[0].detach(), mb.layout, grp.sp_group)[None]
+        loss, _, _ = sp_loss(losses[0], mb.loss_mask[0], grp.sp_group)
+    else:
+        valid = batch["labels"] != IGNORE_INDEX
+        loss = losses.sum() / valid.sum()
+    loss.backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        g = gather_full_tensor(model, name, p, g.detach())
+        if cp > 1:  # each SP rank holds its share of the gradient: the sum is the gradient
+            dist.all_reduce(g, group=parallel_state.get_context_parallel_group())
+        grads[name] = g
+    return logits.detach(), loss.detach(), grads
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = tiny_config("qwen2", "mlp_downsample", tied=False)
+    lm, vt, proj = hf_modules(cfg)
+    full = full_mcore_state_from_hf(cfg, lm, vt, proj)
+    # uneven frames per sample, several sub-sequences, padding segment at the end
+    batch = packed_batch(cfg, frames_per_sample=(3, 0, 2, 1), text_lens=(7, 11, 6, 5), pad=3)
+    (ref,) = run_distributed(_worker, 1, 1, 1, 1, "zigzag_ring_varlen", full, cfg.to_dict(), batch)
+    return cfg, full, batch, ref
+
+
+CASES = [
+    # world, tp, cp, ring, ring_type
+    pytest.param(2, 1, 2, 1, "zigzag_ring_varlen", id="sp2-ulysses"),
+    pytest.param(2, 1, 2, 2, "ring_varlen", id="sp2-ring"),
+    pytest.param(2, 1, 2, 2, "zigzag_ring_varlen", id="sp2-zigzag"),
+    pytest.param(4, 1, 4, 2, "zigzag_ring_varlen", id="sp4-2ulyssesx2ring"),
+    pytest.param(4, 2, 2, 1, "zigzag_ring_varlen", id="tp2xsp2"),
+]
+
+
+@pytest.mark.parametrize("world,tp,cp,ring,ring_type", CASES)
+def test_mmsp_matches_single_process(setup, world, tp, cp, ring, ring_type):
+    cfg, full, batch, ref = setup
+    assert batch["frames"].shape[0] == 6 and len(batch["cu_seqlens"]) == 6
+    outs = run_distributed(_worker, world, tp, cp, ring, ring_type, full, cfg.to_dict(), batch)
+    for logits, loss, grads in outs:
+        assert logits.shape == ref[0].shape
+        torch.testing.assert_close(logits, ref[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(loss, ref[1], rtol=1e-6, atol=1e-6)
+        assert grads.keys() == ref[2].keys() and len(grads) > 20
+        for name in ref[2]:
+            torch.testing.assert_close(grads[name], ref[2][name], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, n=name: f"{n}: {m}")
