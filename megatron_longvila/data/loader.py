@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from .packing import build_micro_batch
-from .task_encoder import EncodedSample, SampleError, TaskEncoder
+from .task_encoder import EncodedSample, SampleError, TaskEncoder, normalize_frames
 from .tokenizer import ChatTokenizer, build_tokenizer
 
 STATE_KEY = "_longvila_loader_state"
@@ -326,7 +326,8 @@ class PackedStream(torch.utils.data.IterableDataset):
                 return
             resume = pending[0] if pending is not None else src.snapshot()
             batch = build_micro_batch(rows, cfg.seq_length, cfg.micro_batch_size,
-                                      cfg.tokens_per_frame, self.pad_id, cfg.image_size)
+                                      cfg.tokens_per_frame, self.pad_id, cfg.image_size,
+                                      normalize=False)
             batch[STATE_KEY] = {"worker": logical, "state": copy.deepcopy(resume)}
             yield batch
 
@@ -431,6 +432,7 @@ class LongVILALoader:
             if not meta.get("final"):
                 break
         self._state["batches"] += 1
+        batch["frames"] = normalize_frames(batch["frames"])
         return batch
 
     def close(self):

@@ -190,7 +190,8 @@ def process_entry(args) -> Tuple[str, str, Any]:
             name = f"entry {idx} ({e['media_path']})"
         if e["media"] == "video":
             dec = decode_video(e["media_path"], num_frames=cfg.num_frames, fps=cfg.fps,
-                               max_frames=cfg.max_frames, start=e["start"], end=e["end"])
+                               max_frames=cfg.max_frames, start=e["start"], end=e["end"],
+                               threads=cfg.num_workers <= 1)
             frames, times, indices = dec.frames, dec.times, dec.indices
         elif e["media"] == "image":
             frames, times, indices = [load_image(e["media_path"])], [0.0], [0]

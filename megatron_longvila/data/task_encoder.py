@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
+import torch
 from PIL import Image
 
 from ..constants import DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN, IMAGE_TOKEN_INDEX
@@ -168,14 +169,27 @@ class TaskEncoder:
         return best
 
 
-def decode_frame(data: bytes, image_size: Optional[int], where: str = "") -> np.ndarray:
-    """JPEG/PNG bytes -> float32 [3, H, W], SigLIP normalisation ((x/255 - 0.5) / 0.5)."""
+def decode_frame_uint8(data: bytes, image_size: Optional[int], where: str = "") -> np.ndarray:
+    """JPEG/PNG bytes -> uint8 RGB [H, W, 3] (resized to image_size if it is not already)."""
     try:
         with Image.open(io.BytesIO(data)) as im:
-            im = im.convert("RGB")
+            if im.mode != "RGB":
+                im = im.convert("RGB")
             if image_size is not None and im.size != (image_size, image_size):
                 im = im.resize((image_size, image_size), Image.BICUBIC)
-            arr = np.asarray(im, dtype=np.float32)
+            return np.asarray(im, dtype=np.uint8)
     except Exception as e:  # noqa: BLE001
         raise SampleError(f"{where}: undecodable frame ({type(e).__name__}: {e})") from e
-    return ((arr / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+
+
+# (x/255 - 0.5) / 0.5 for every byte value, computed in float32 like the formula itself.
+_SIGLIP_LUT = ((np.arange(256, dtype=np.float32) / np.float32(255.0) - np.float32(0.5))
+               / np.float32(0.5)).astype(np.float32)
+
+
+def normalize_frames(frames_u8: "torch.Tensor") -> "torch.Tensor":
+    """uint8 [F, 3, H, W] -> float32 [F, 3, H, W], SigLIP normalisation ((x/255 - 0.5) / 0.5)
+    (a 256-entry table: exact and several times faster than the arithmetic on CPU)."""
+    if frames_u8.dtype != torch.uint8:
+        raise TypeError(f"expected uint8 frames, got {frames_u8.dtype}")
+    return torch.from_numpy(_SIGLIP_LUT[frames_u8.contiguous().numpy()])
