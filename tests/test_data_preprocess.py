@@ -110,8 +110,15 @@ def test_energon_metadata_and_shard_bounds(raw_videos, tmp_path):
     total = 0
     for t in tars:
         with tarfile.open(os.path.join(out, t)) as tf:
-            keys = {m.name.split(".")[0] for m in tf.getmembers()}
+            members = tf.getmembers()
+            end = tf.offset
+        keys = {m.name.split(".")[0] for m in members}
         assert len(keys) == info[t] <= 4
+        # energon's <shard>.tar.idx: offset of each sample's first header, then the end
+        idx = np.fromfile(os.path.join(out, t + ".idx"), dtype="<u8").tolist()
+        firsts = [m.offset for i, m in enumerate(members)
+                  if i == 0 or m.name.split(".")[0] != members[i - 1].name.split(".")[0]]
+        assert idx == firsts + [end] and len(idx) == info[t] + 1
         total += len(keys)
         # bounded: a shard only exceeds the byte limit when one sample alone does
         assert os.path.getsize(os.path.join(out, t)) <= 6000 or info[t] == 1
@@ -248,3 +255,28 @@ def test_cli(bad_dir, tmp_path):
     assert "missing.mp4" in r.stdout
     r = subprocess.run(cmd + ["--strict", "--overwrite"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "corrupt.mp4" in r.stderr
+
+
+def test_energon_reads_the_shards(raw_videos, tmp_path):
+    """Optional: when megatron-energon is installed, it loads our dataset as prepared."""
+    energon = pytest.importorskip("megatron.energon")
+    raw, ann = raw_videos
+    out = str(tmp_path / "wds")
+    preprocess(ann, out, num_frames=2, image_size=SIZE, shard_max_samples=4, progress=False)
+
+    @energon.stateless
+    def cook(sample):
+        meta = sample["json"] if isinstance(sample["json"], dict) else json.loads(sample["json"])
+        return {"key": sample["__key__"], "n": len(meta["conversations"])}
+
+    class TE(energon.DefaultTaskEncoder):
+        cookers = [energon.Cooker(cook)]
+
+        def batch(self, samples):
+            return samples
+
+    ds = energon.get_train_dataset(out, batch_size=1, shuffle_buffer_size=None,
+                                   max_samples_per_sequence=None, task_encoder=TE(), repeat=False,
+                                   worker_config=energon.WorkerConfig(rank=0, world_size=1, num_workers=0))
+    keys = sorted(s["key"] for b_ in energon.get_loader(ds) for s in b_)
+    assert keys == [f"s{i:08d}" for i in range(6)]

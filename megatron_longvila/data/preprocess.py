@@ -215,6 +215,27 @@ def process_entry(args) -> Tuple[str, str, Any]:
 
 # ----------------------------------------------------------------------------- shards
 
+def write_tar_index(tar_path: str, idx_path: str):
+    """megatron-energon's ``<shard>.tar.idx``: little-endian uint64 byte offsets of each
+    sample's first tar header, then the offset where the archive's members end (what
+    ``energon prepare`` writes), so energon can read the shards without re-preparing them."""
+    import struct
+    import tarfile
+    offsets, last = [], None
+    with tarfile.open(tar_path, mode="r:") as tar:
+        for m in tar:
+            base = os.path.basename(m.name).split(".", 1)[0]
+            key = os.path.join(os.path.dirname(m.name), base)
+            if key != last:
+                offsets.append(m.offset)
+                last = key
+        offsets.append(tar.offset)
+    tmp = idx_path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack(f"<{len(offsets)}Q", *offsets))
+    os.replace(tmp, idx_path)
+
+
 class AtomicShardWriter:
     """Rotating webdataset TarWriter; each shard is written as ``<name>.tmp`` and renamed when
     closed, so an interrupted run never leaves a half-written ``.tar`` behind."""
@@ -250,7 +271,9 @@ class AtomicShardWriter:
         if self._tw is None:
             return
         self._tw.close()  # closes the file too
-        os.replace(self._tmp, os.path.join(self.out_dir, self._name))
+        final = os.path.join(self.out_dir, self._name)
+        write_tar_index(self._tmp, final[:-len(".tar")] + ".tar.idx")
+        os.replace(self._tmp, final)
         self.shards.append((self._name, self._count))
         self._tw = self._f = self._tmp = None
 
@@ -303,7 +326,7 @@ def preprocess(annotation_path: str, out_dir: str, media_root: Optional[str] = N
     t0 = time.perf_counter()
     media_root = media_root if media_root is not None else os.path.dirname(os.path.abspath(annotation_path))
     os.makedirs(out_dir, exist_ok=True)
-    old = [f for f in os.listdir(out_dir) if f.endswith(".tar") or f.endswith(".tar.tmp")]
+    old = [f for f in os.listdir(out_dir) if f.endswith((".tar", ".tar.tmp", ".tar.idx", ".tar.idx.tmp"))]
     if old:
         if not cfg.overwrite:
             raise FileExistsError(f"{out_dir} already holds shards ({old[0]}, ...); "
