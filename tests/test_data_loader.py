@@ -399,3 +399,35 @@ def test_clear_errors(tmp_path, ds):
         next(build_train_loader(path, "tiny", seq_length=16, num_workers=0))
     with pytest.raises(ValueError, match="tokenizer"):
         build_tokenizer(str(tmp_path / "nope"))
+
+
+def test_num_frames_subset_and_image_samples(ds_png, tmp_path):
+    path, raw, ann = ds_png
+    loader = build_train_loader(path, "tiny", seq_length=400, tokens_per_frame=3, image_size=SIZE,
+                                num_workers=0, epochs=1, num_frames=2)
+    n = 0
+    for batch in loader:
+        assert (batch["frames_per_sample"][: batch["num_samples"]] == 2).all()
+        for j, key in enumerate(batch["sample_keys"]):
+            want = pyav_frames(os.path.join(raw, ann[int(key[1:])]["video"]), 3, SIZE)[[0, 2]]
+            want = torch.from_numpy((want.astype(np.float32) / 255.0 - 0.5) / 0.5).permute(0, 3, 1, 2)
+            assert torch.equal(batch["frames"][2 * j:2 * j + 2], want)
+            n += 1
+    assert n == 6
+    # an image is a one-frame video with its <image> marker kept in place
+    img = (np.random.default_rng(1).random((40, 50, 3)) * 255).astype(np.uint8)
+    Image.fromarray(img).save(tmp_path / "a.png")
+    conv = [{"from": "human", "value": "Look: <image>\nWhat is it?"}, {"from": "gpt", "value": "Noise."}]
+    (tmp_path / "a.json").write_text(json.dumps([{"image": "a.png", "conversations": conv}] * 2))
+    preprocess(str(tmp_path / "a.json"), str(tmp_path / "wds"), image_size=SIZE, image_format="png",
+               progress=False)
+    bt = next(build_train_loader(str(tmp_path / "wds"), "tiny", seq_length=300, tokens_per_frame=5,
+                                 image_size=SIZE, num_workers=0, epochs=1))
+    assert bt["frames_per_sample"].tolist() == [1, 1, 0] and bt["frames"].shape[0] == 2
+    a, e = segments(bt)[0]
+    sp = tiny_ids()
+    S, E = sp["<|im_start|>"], sp["<|im_end|>"]
+    want_ids = ([S] + b("system\nYou are a helpful assistant.") + [E] + b("\n") + [S] + b("user\nLook: ")
+                + [IMAGE_TOKEN_INDEX] * 5 + b("\nWhat is it?") + [E] + b("\n") + [S] + b("assistant\n")
+                + b("Noise.") + [E] + b("\n"))
+    assert bt["tokens"][0, a:e].tolist() == want_ids

@@ -12,6 +12,7 @@ pass decodes up to the last selected frame and keeps only the selected ones. Any
 
 from __future__ import annotations
 
+import bisect
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
@@ -103,17 +104,20 @@ def decode_video(path: str, num_frames: Optional[int] = 8, fps: Optional[float] 
     try:
         stream = container.streams.video[0]
         tb = stream.time_base
-        # Pass 1: presentation timestamps of all frames (demux only).
-        pts = []
+        # Pass 1: presentation timestamps of all frames and of the keyframes (demux only).
+        pts, keys = [], []
         try:
             for packet in container.demux(stream):
                 if packet.size and packet.pts is not None:
                     pts.append(int(packet.pts))
+                    if packet.is_keyframe:
+                        keys.append(int(packet.pts))
         except av.error.FFmpegError as e:
             raise MediaError(f"corrupt video {path} while reading packets: {e}") from e
         if not pts:
             raise MediaError(f"no video frames in {path}")
         pts = sorted(set(pts))
+        keys = sorted(set(keys)) or [pts[0]]
         declared = int(stream.frames or 0)
         if declared and len(pts) < declared:
             raise MediaError(f"truncated video {path}: container declares {declared} frames, "
@@ -128,30 +132,56 @@ def decode_video(path: str, num_frames: Optional[int] = 8, fps: Optional[float] 
             raise MediaError(f"no frames of {path} in the segment [{start}, {end}] "
                              f"(video is {times[-1]:.3f}s long)")
         wanted = {pts[i] for i in sel}
-        # Pass 2: decode up to the last wanted frame.
-        container.seek(0)
-        if start is not None and start > 0:
-            container.seek(int(pts[sel[0]]), stream=stream, backward=True, any_frame=False)
+        # Pass 2: decode forward, jumping (seek to the keyframe at or before the next wanted
+        # frame) whenever that keyframe lies beyond what has been decoded: only the GOPs that
+        # hold wanted frames are decoded, which matters for long videos and few frames.
         if threads:
             stream.thread_type = "AUTO"
         got = {}
+        frames_iter = None
+        last = None  # pts of the last decoded frame
+        seeks = decoded = 0
         try:
-            for frame in container.decode(stream):
-                if frame.pts is None:
+            for target in sorted(wanted):
+                if target in got:
                     continue
-                if frame.pts in wanted and frame.pts not in got:
-                    got[frame.pts] = frame.to_ndarray(format="rgb24")
-                    if len(got) == len(wanted):
+                k = keys[max(0, bisect.bisect_right(keys, target) - 1)]
+                if frames_iter is None or last is None or k > last:
+                    container.seek(k, stream=stream, backward=True, any_frame=False)
+                    frames_iter = container.decode(stream)
+                    seeks += 1
+                for frame in frames_iter:
+                    if frame.pts is None:
+                        continue
+                    decoded += 1
+                    last = frame.pts
+                    if frame.pts in wanted and frame.pts not in got:
+                        got[frame.pts] = frame.to_ndarray(format="rgb24")
+                    if frame.pts >= target:
                         break
         except av.error.FFmpegError as e:
             raise MediaError(f"corrupt video {path} while decoding: {e}") from e
+        fallback = len(got) < len(wanted) and seeks > 1
+        if fallback:
+            # A seek that landed after a wanted frame (odd keyframe flags): decode it all.
+            container.seek(pts[0], stream=stream, backward=True, any_frame=False)
+            try:
+                for frame in container.decode(stream):
+                    if frame.pts in wanted and frame.pts not in got:
+                        got[frame.pts] = frame.to_ndarray(format="rgb24")
+                        if len(got) == len(wanted):
+                            break
+            except av.error.FFmpegError as e:
+                raise MediaError(f"corrupt video {path} while decoding: {e}") from e
         if len(got) < len(wanted):
             raise MediaError(f"truncated or corrupt video {path}: decoded {len(got)} of "
                              f"{len(wanted)} selected frames")
         frames = [got[pts[i]] for i in sel]
         return DecodedVideo(frames=frames, times=[times[i] for i in sel], indices=list(sel),
                             total_frames=len(pts), duration=times[-1],
-                            extra={"avg_fps": float(stream.average_rate or 0)})
+                            extra={"avg_fps": float(stream.average_rate or 0), "seeks": seeks,
+                                   "decoded": decoded, "keyframes": len(keys),
+                                   "fallback": fallback})
     finally:
         container.close()
 
