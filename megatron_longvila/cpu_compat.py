@@ -42,6 +42,12 @@ def _cpu_current_device():
     return torch.device("cpu")
 
 
+def _cpu_synchronize(device=None):
+    # Dist checkpointing's file writer calls torch.cuda.synchronize() before copying tensors
+    # to the host. With no device there is no queued work to wait for.
+    return None
+
+
 def enable():
     """Install the CPU shims if (and only if) CUDA is not available. Idempotent."""
     global _ENABLED
@@ -53,6 +59,7 @@ def enable():
     mpu_random._set_cuda_rng_state = _cpu_set_rng_state
     mpu_random.CudaRNGStatesTracker.add = _cpu_tracker_add
     torch.cuda.current_device = _cpu_current_device
+    torch.cuda.synchronize = _cpu_synchronize
     _ENABLED = True
 
 
