@@ -115,7 +115,7 @@ def _flash_block_forward(q, k, v, blk, scale):
     Lq, h, d = q.shape
     lse = _lse_to_hq(lse, cu_q, h, qg.shape[0])
     if qi is None:
-        return o.float(), lse
+        return o, lse  # kernel dtype; the ring merge accumulates in float32
     out = q.new_zeros((Lq, h, d), dtype=torch.float32)
     full = q.new_full((h, Lq), _NEG_INF, dtype=torch.float32)
     out.index_copy_(0, qi, o.float())
@@ -145,7 +145,7 @@ def _flash_block_backward(dout, q, k, v, out, lse, blk, scale):
     dq, dk, dv = torch.ops.aten._flash_attention_backward(
         dog, qg, kg, vg, og, lg, cu_q, cu_k, mq, mk, 0.0, blk.causal, rng, unused, scale=scale)
     if qi is None and ki is None:
-        return dq.float(), dk.float(), dv.float()
+        return dq, dk, dv  # kernel dtype; callers accumulate in float32 where needed
     Dq = q.new_zeros(q.shape, dtype=torch.float32)
     Dk = k.new_zeros(k.shape, dtype=torch.float32)
     Dv = v.new_zeros(v.shape, dtype=torch.float32)
@@ -194,7 +194,7 @@ class RingAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, blocks, scale, ring_group, ring_ranks, ring_rank):
         R = len(blocks)
-        kv = torch.stack([k, v]).contiguous()
+        kv = torch.stack([k, v]).contiguous() if R > 1 else (k, v)  # one buffer to send
         out = lse = None
         for step in range(R):
             comm = _P2P(kv, ring_ranks, ring_rank, ring_group) if step < R - 1 else None
@@ -203,15 +203,16 @@ class RingAttention(torch.autograd.Function):
             if blk is not None:
                 o_b, l_b = block_forward(q, kv[0], kv[1], blk, scale)
                 if out is None:
-                    out, lse = o_b, l_b
+                    out, lse = (o_b, l_b) if R == 1 else (o_b.to(_acc_dtype(q)), l_b)
                 else:
                     lse = _merge(out, lse, o_b, l_b)
             if comm is not None:
                 kv = comm.wait()
         ctx.blocks, ctx.scale, ctx.group, ctx.ranks, ctx.rank = (
             blocks, scale, ring_group, ring_ranks, ring_rank)
+        out = out.to(q.dtype)  # the kernels' backward takes the output in the input dtype
         ctx.save_for_backward(q, k, v, out, lse)
-        return out.to(q.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
@@ -220,7 +221,16 @@ class RingAttention(torch.autograd.Function):
         R = len(blocks)
         acc = _acc_dtype(q)
         dout = dout.contiguous()
-        delta = (dout.to(acc) * out.to(acc)).sum(-1).t().contiguous()  # [h, L]
+        delta = None
+        if _backend(q) != "cuda_flash":  # the flash backward computes its own
+            delta = (dout.to(acc) * out.to(acc)).sum(-1).t().contiguous()  # [h, L]
+        if R == 1:  # plain (varlen) attention: no ring bookkeeping
+            if blocks[0] is None:
+                return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                        None, None, None, None, None)
+            dq, dk, dv = block_backward(dout, q, k, v, out, lse, delta, blocks[0], scale)
+            return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
+                    None, None, None, None, None)
         kv = torch.stack([k, v]).contiguous()
         dq = torch.zeros(q.shape, dtype=acc, device=q.device)
         dkv = None

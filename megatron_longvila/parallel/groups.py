@@ -16,7 +16,7 @@ from typing import List, Optional
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-RING_TYPES = ("ring_varlen", "zigzag_ring_varlen")
+from .layout import RING_TYPES  # noqa: F401  (re-exported)
 
 
 def validate_mmsp_sizes(world_size: int, tp: int, cp: int, ring: int, num_heads: int,

@@ -28,7 +28,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .groups import RING_TYPES
+RING_TYPES = ("ring_varlen", "zigzag_ring_varlen")
 
 
 @dataclass
