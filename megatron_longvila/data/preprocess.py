@@ -143,7 +143,7 @@ def validate_entry(entry: Any, media_root: str) -> Dict[str, Any]:
     if not any(t["from"] in ROLES_ASSISTANT for t in norm):
         raise AnnotationError("no assistant ('gpt') turn to learn from")
     media_rel = None
-    for k in ("video", "image", "path"):
+    for k in ("video", "image", "path", "video_path", "image_path"):
         if entry.get(k) is not None:
             media_rel = entry[k]
             break
@@ -190,8 +190,7 @@ def process_entry(args) -> Tuple[str, str, Any]:
             name = f"entry {idx} ({e['media_path']})"
         if e["media"] == "video":
             dec = decode_video(e["media_path"], num_frames=cfg.num_frames, fps=cfg.fps,
-                               max_frames=cfg.max_frames, start=e["start"], end=e["end"],
-                               threads=cfg.num_workers <= 1)
+                               max_frames=cfg.max_frames, start=e["start"], end=e["end"])
             frames, times, indices = dec.frames, dec.times, dec.indices
         elif e["media"] == "image":
             frames, times, indices = [load_image(e["media_path"])], [0.0], [0]

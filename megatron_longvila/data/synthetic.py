@@ -54,7 +54,7 @@ def render_frames(rng: np.random.Generator, n: int, width: int, height: int):
     return frames, desc
 
 
-def write_video(path: str, frames: np.ndarray, fps: int = 8):
+def write_video(path: str, frames: np.ndarray, fps: int = 8, gop_size: Optional[int] = None):
     import av
     ext = os.path.splitext(path)[1].lower()
     codec, pix = CODECS.get(ext, CODECS[".mp4"])
@@ -63,6 +63,8 @@ def write_video(path: str, frames: np.ndarray, fps: int = 8):
     with av.open(tmp, mode="w") as out:
         stream = out.add_stream(codec, rate=fps)
         stream.width, stream.height, stream.pix_fmt = w, h, pix
+        if gop_size:
+            stream.codec_context.gop_size = int(gop_size)
         if codec == "libx264":
             stream.options = {"crf": "18", "preset": "veryfast", "threads": "1"}
         for arr in frames:
@@ -77,7 +79,8 @@ def write_video(path: str, frames: np.ndarray, fps: int = 8):
 def make_synthetic_videos(out_dir: str, num_videos: int = 8, frames_per_video: int = 24,
                           width: int = 64, height: int = 48, fps: int = 8, seed: int = 0,
                           extensions: Sequence[str] = (".mp4",), num_text_only: int = 0,
-                          annotation_name: str = "annotations.json") -> str:
+                          annotation_name: str = "annotations.json",
+                          gop_size: Optional[int] = None) -> str:
     """Write the videos and a JSON annotation list; returns the annotation file's path."""
     rng = np.random.default_rng(seed)
     vdir = os.path.join(out_dir, "videos")
@@ -88,7 +91,7 @@ def make_synthetic_videos(out_dir: str, num_videos: int = 8, frames_per_video: i
         n = int(frames_per_video + rng.integers(0, max(1, frames_per_video // 2)))
         frames, d = render_frames(rng, n, width, height)
         rel = f"videos/vid_{i:04d}{ext}"
-        write_video(os.path.join(out_dir, rel), frames, fps)
+        write_video(os.path.join(out_dir, rel), frames, fps, gop_size)
         q = ["What colour is the square?", "Which way does the square move?",
              "Describe the video."][i % 3]
         a = [f"The square is {d['square']}.", f"It moves to the {d['direction']}.",

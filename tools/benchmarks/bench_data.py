@@ -2,7 +2,7 @@
 """Data pipeline benchmark (not a test): preprocessing videos/s and loader frames/s, against a
 plain PyAV decode loop of the same videos. Prints a table.
 
-  python tools/benchmarks/bench_data.py                 # defaults: 24 videos, 320x240, 10 s @ 24 fps
+  python tools/benchmarks/bench_data.py                 # defaults: 24 videos, 320x240, 20-30 s @ 24 fps
   python tools/benchmarks/bench_data.py --num-videos 8 --seconds 4   # quicker
 
 Rows:
@@ -64,8 +64,9 @@ def pyav_decode_select(paths, n, size):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num-videos", type=int, default=24)
-    ap.add_argument("--seconds", type=float, default=10)
+    ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--fps", type=int, default=24)
+    ap.add_argument("--gop", type=int, default=48, help="keyframe interval of the test videos (frames)")
     ap.add_argument("--width", type=int, default=320)
     ap.add_argument("--height", type=int, default=240)
     ap.add_argument("--num-frames", type=int, default=16)
@@ -83,12 +84,12 @@ def main():
         nfr = int(a.seconds * a.fps)
         ann = make_synthetic_videos(os.path.join(root, "raw"), num_videos=a.num_videos,
                                     frames_per_video=nfr, width=a.width, height=a.height,
-                                    fps=a.fps, seed=0)
+                                    fps=a.fps, seed=0, gop_size=a.gop)
         # frames_per_video gets up to +50% random extra length per video
         paths = sorted(os.path.join(root, "raw", "videos", f) for f in os.listdir(os.path.join(root, "raw", "videos")))
         mb = sum(os.path.getsize(p) for p in paths) / 1e6
         print(f"# {len(paths)} synthetic h264 mp4 videos, {a.width}x{a.height}, ~{a.seconds:g}-"
-              f"{a.seconds * 1.5:g} s at {a.fps} fps, {mb:.1f} MB (made in {time.perf_counter() - t:.1f} s); "
+              f"{a.seconds * 1.5:g} s at {a.fps} fps, keyframe every {a.gop} frames, {mb:.1f} MB (made in {time.perf_counter() - t:.1f} s); "
               f"{a.num_frames} frames/video -> {a.image_size}px; cpus={os.cpu_count()}", flush=True)
 
         pyav_decode_all(paths[:2])  # warm-up
