@@ -431,3 +431,38 @@ def test_num_frames_subset_and_image_samples(ds_png, tmp_path):
                 + [IMAGE_TOKEN_INDEX] * 5 + b("\nWhat is it?") + [E] + b("\n") + [S] + b("assistant\n")
                 + b("Noise.") + [E] + b("\n"))
     assert bt["tokens"][0, a:e].tolist() == want_ids
+
+
+def test_resume_reads_one_block_not_the_epoch(ds, tmp_path, monkeypatch):
+    import shutil
+    import megatron_longvila.data.loader as L
+    path, _, _ = ds
+    # entering a shard at sample k (through .tar.idx) == reading it from the start and skipping
+    shard = os.path.join(path, sorted(f for f in os.listdir(path) if f.endswith(".tar"))[0])
+    shutil.copy(shard, tmp_path / "noidx.tar")
+    full = [s_["__key__"] for s_ in L.read_shard(shard)]
+    for k in range(len(full)):
+        assert [s_["__key__"] for s_ in L.read_shard(shard, k)] == full[k:]
+        assert [s_["__key__"] for s_ in L.read_shard(str(tmp_path / "noidx.tar"), k)] == full[k:]
+    reads = []
+    real = L.read_shard
+
+    def counting(p, start=0):
+        for s_ in real(p, start):
+            reads.append(s_["__key__"])
+            yield s_
+    monkeypatch.setattr(L, "read_shard", counting)
+    kw = dict(seq_length=300, tokens_per_frame=4, image_size=SIZE, num_workers=0, seed=7,
+              shuffle_buffer=3)
+    l1 = build_train_loader(path, "tiny", **kw)
+    collect(l1, 6)
+    state = json.loads(json.dumps(l1.state_dict()))
+    offset = state["workers"][0]["datasets"][0][1]
+    assert offset >= 9 and len(reads) >= offset
+    nxt = next(l1)
+    reads.clear()
+    l2 = build_train_loader(path, "tiny", **kw)
+    l2.load_state_dict(state)
+    assert_same(next(l2), nxt)
+    # one shuffle block (3) before the saved offset at most, plus what the batch itself needs
+    assert len(reads) <= 3 + nxt["num_samples"] + 3, (offset, reads)

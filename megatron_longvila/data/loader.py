@@ -4,19 +4,22 @@ Sample order (all of it a function of the seed, the DP rank/size and the worker 
   epoch e of dataset d: its shards in an order shuffled by (seed, d, e); their samples form one
   stream of N samples; part p = dp_rank * W + worker (W = max(1, num_workers)) reads samples
   [N*p/(dp_size*W), N*(p+1)/(dp_size*W)) of it (so DP ranks are disjoint and cover the epoch),
-  through a shuffle buffer seeded by (seed, d, e, p).
+  in blocks of ``shuffle_buffer`` samples, each permuted by an RNG seeded by (seed, d, e, p,
+  block).
   blending: draw k of a worker picks dataset d with probability weight_d, from an RNG seeded by
   (seed, p, k).
   packing: greedy, in stream order; a sample that does not fit closes the row and opens the next.
 State: per worker, the stream position where its next micro-batch starts (blend draw count,
 (epoch, offset) per dataset, dropped/subsampled counts), and how many micro-batches were
 delivered (which worker is next; torch's DataLoader serves workers round-robin). Restoring
-re-reads the raw bytes up to the offsets (no image decoding) and continues exactly.
+enters each shard at the saved sample through energon's ``.tar.idx`` byte offsets and re-reads
+at most one shuffle block, then continues exactly.
 """
 
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -109,25 +112,26 @@ def parse_data_paths(data_paths) -> List[Tuple[str, float]]:
     return out
 
 
-def read_shard(path: str) -> Iterator[Dict[str, Any]]:
-    """Raw samples (bytes per field) of one tar, via webdataset's tar iterator (no decoding)."""
+def read_shard(path: str, start: int = 0) -> Iterator[Dict[str, Any]]:
+    """Raw samples (bytes per field) of one tar from sample ``start`` on, via webdataset's tar
+    iterator (no decoding). With energon's ``<shard>.tar.idx`` (written by preprocess) the file
+    is entered at the sample's byte offset; without it the first samples are read and skipped."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
+    skip = start
     with open(path, "rb") as f:
+        if start > 0:
+            idx_path = path[:-len(".tar")] + ".tar.idx" if path.endswith(".tar") else path + ".idx"
+            if os.path.exists(idx_path):
+                with open(idx_path, "rb") as fi:
+                    fi.seek(8 * start)
+                    raw = fi.read(8)
+                if len(raw) == 8:
+                    f.seek(int(np.frombuffer(raw, dtype="<u8")[0]))
+                    skip = 0
         files = tar_file_expander([{"url": path, "stream": f}])
-        yield from group_by_keys(files)
-
-
-def _shuffled(it, size: int, rng: np.random.Generator):
-    buf: list = []
-    for x in it:
-        if len(buf) < size:
-            buf.append(x)
-            continue
-        i = int(rng.integers(len(buf)))
-        yield buf[i]
-        buf[i] = x
-    for i in rng.permutation(len(buf)):
-        yield buf[int(i)]
+        for j, sample in enumerate(group_by_keys(files)):
+            if j >= skip:
+                yield sample
 
 
 class _Cursor:
@@ -144,38 +148,56 @@ class _Cursor:
     def seek(self, epoch: int, offset: int):
         self.epoch, self.offset, self._it = int(epoch), int(offset), None
 
-    def _epoch_iter(self, epoch: int):
-        cfg, shards = self.cfg, self.spec.shards
-        order = np.arange(len(shards))
-        if cfg.shuffle:
-            order = np.random.default_rng([cfg.seed, self.d, epoch]).permutation(len(shards))
+    def _epoch_order(self, epoch: int):
+        order = np.arange(len(self.spec.shards))
+        if self.cfg.shuffle:
+            order = np.random.default_rng([self.cfg.seed, self.d, epoch]).permutation(len(order))
+        return order
+
+    def _raw(self, epoch: int, start: int):
+        """Raw samples of this part's range of the epoch, from the range's sample ``start``."""
+        shards = self.spec.shards
         n = self.spec.total
         a, b = n * self.part // self.parts, n * (self.part + 1) // self.parts
-
-        def raw():
-            pos = 0
-            for i in order:
-                path, c = shards[int(i)]
-                if pos + c <= a:
-                    pos += c
-                    continue
-                if pos >= b:
-                    break
-                skip, stop = max(0, a - pos), min(c, b - pos)
-                j = -1
-                for j, sample in enumerate(read_shard(path)):
-                    if j >= stop:
-                        break
-                    if j >= skip:
-                        yield sample
-                if j + 1 < stop:
-                    raise SampleError(f"shard {path} holds {j + 1} samples, its metadata says {c}")
+        a += start
+        pos = 0
+        for i in self._epoch_order(epoch):
+            path, c = shards[int(i)]
+            if pos + c <= a:
                 pos += c
+                continue
+            if pos >= b:
+                break
+            first, stop = max(0, a - pos), min(c, b - pos)
+            j = first - 1
+            for j, sample in enumerate(read_shard(path, first), start=first):
+                if j >= stop:
+                    break
+                yield sample
+            if j + 1 < stop:
+                raise SampleError(f"shard {path} holds {j + 1} samples, its metadata says {c}")
+            pos += c
 
-        if cfg.shuffle and cfg.shuffle_buffer > 1:
-            rng = np.random.default_rng([cfg.seed, self.d, epoch, self.part, 1])
-            return _shuffled(raw(), cfg.shuffle_buffer, rng)
-        return raw()
+    def _epoch_iter(self, epoch: int, offset: int):
+        """This part's samples of the epoch from ``offset`` on. Shuffling permutes blocks of
+        ``shuffle_buffer`` consecutive samples (RNG seeded by seed, dataset, epoch, part,
+        block), so a position is restored by reading one block, not by replaying the epoch."""
+        B = self.cfg.shuffle_buffer if self.cfg.shuffle and self.cfg.shuffle_buffer > 1 else 1
+        block = offset // B
+        within = offset - block * B
+        raw = self._raw(epoch, block * B)
+        while True:
+            buf = list(itertools.islice(raw, B))
+            if not buf:
+                return
+            order = range(len(buf))
+            if B > 1:
+                order = np.random.default_rng([self.cfg.seed, self.d, epoch, self.part, block]
+                                              ).permutation(len(buf))
+            for k in order[within:]:
+                yield buf[int(k)]
+            within = 0
+            block += 1
 
     def next(self):
         """Next raw sample; StopIteration when ``epochs`` is set and they are done."""
@@ -183,9 +205,7 @@ class _Cursor:
             if self.cfg.epochs is not None and self.epoch >= self.cfg.epochs:
                 raise StopIteration
             if self._it is None:
-                self._it = self._epoch_iter(self.epoch)
-                for _ in range(self.offset):  # replay (raw bytes only) to the saved offset
-                    next(self._it)
+                self._it = self._epoch_iter(self.epoch, self.offset)
             try:
                 x = next(self._it)
                 self.offset += 1
