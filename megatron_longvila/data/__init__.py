@@ -18,6 +18,9 @@ build_train_loader(data_paths, tokenizer, seq_length, micro_batch_size=1, tokens
     drop_or_subsample: a sample longer than seq_length is dropped and counted ("drop") or keeps
     the most frames that fit ("subsample"; dropped if even one frame is too long).
     epochs=None streams forever (training); epochs=k stops after k epochs (tests, evaluation).
+    Shuffling: shard order per epoch, then blocks of shuffle_buffer consecutive samples are
+    permuted (raw JPEG bytes of one block are held per worker and dataset). num_workers=0 runs
+    in the calling process; >0 uses torch DataLoader worker processes (fork).
     The loader is an iterator of micro-batches; state_dict() / load_state_dict(state) (a
     JSON-able dict) resume the stream exactly (same data, dp_size/dp_rank, num_workers, seed,
     lengths required; load_state_dict says which setting differs otherwise); stats() gives
@@ -31,7 +34,11 @@ make_synthetic_dataset(out_dir, num_videos=16, num_frames=4, image_size=32, seed
 make_synthetic_videos(out_dir, num_videos, frames_per_video, width, height, fps, seed, ...)
     -> path of the annotation JSON written next to ``videos/``.
 preprocess(annotation_path, out_dir, media_root=None, **PreprocessConfig fields)
-    -> PreprocessSummary (also the CLI tools/preprocess_videos.py).
+    -> PreprocessSummary (also the CLI tools/preprocess_videos.py). Writes shard-NNNNNN.tar
+    (+ energon's .tar.idx) and .nv-meta/{dataset.yaml, split.yaml, .info.yaml, .info.json,
+    longvila.json}; megatron-energon 7.4 reads the result as a CrudeWebdataset as is.
+decode_video(path, num_frames=8, fps=None, max_frames=None, start=None, end=None)
+    -> DecodedVideo(frames [H,W,3] uint8 list, times, indices, ...); MediaError on bad input.
 
 Micro-batch (dict), S = seq_length * micro_batch_size
 -----------------------------------------------------

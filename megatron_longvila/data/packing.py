@@ -7,7 +7,7 @@ to ``tokens_per_frame`` IMAGE_TOKEN_INDEX ids; the rest of the row is padding, i
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch
