@@ -75,6 +75,8 @@ def main():
     ap.add_argument("--loader-batches", type=int, default=60)
     ap.add_argument("--workers", default="1,2")
     ap.add_argument("--keep", default=None, help="keep the data in this directory")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="time each row this many times and keep the fastest (shared machines)")
     a = ap.parse_args()
     workers = [int(w) for w in a.workers.split(",")]
     root = a.keep or tempfile.mkdtemp(prefix="bench_data_")
@@ -93,22 +95,33 @@ def main():
               f"{a.num_frames} frames/video -> {a.image_size}px; cpus={os.cpu_count()}", flush=True)
 
         pyav_decode_all(paths[:2])  # warm-up
+
+        def best(fn):
+            out = None
+            for _ in range(max(1, a.repeat)):
+                t = time.perf_counter()
+                r = fn()
+                dt = time.perf_counter() - t
+                if out is None or dt < out[0]:
+                    out = (dt, r)
+            return out
+
         for rgb in (False, True):
-            t = time.perf_counter()
-            fr = pyav_decode_all(paths, rgb)
-            dt = time.perf_counter() - t
+            dt, fr = best(lambda: pyav_decode_all(paths, rgb))
             rows.append((f"baseline: pyav decode all frames{' + to RGB' if rgb else ''}",
                          len(paths) / dt, fr / dt, f"{fr} frames decoded"))
-        t = time.perf_counter()
-        kept = pyav_decode_select(paths, a.num_frames, a.image_size)
-        dt = time.perf_counter() - t
+        dt, kept = best(lambda: pyav_decode_select(paths, a.num_frames, a.image_size))
         rows.append((f"pyav decode + keep {a.num_frames} + resize", len(paths) / dt, kept / dt,
                      f"{kept} frames kept"))
         out = None
         for w in workers:
             out = os.path.join(root, f"wds_w{w}")
-            s = preprocess(ann, out, num_frames=a.num_frames, image_size=a.image_size,
-                           num_workers=w, progress=False, overwrite=True, shard_max_samples=8)
+            s = None
+            for _ in range(max(1, a.repeat)):
+                r = preprocess(ann, out, num_frames=a.num_frames, image_size=a.image_size,
+                               num_workers=w, progress=False, overwrite=True, shard_max_samples=8)
+                if s is None or r.seconds < s.seconds:
+                    s = r
             rows.append((f"preprocess -> shards, {w} worker(s)", s.written / s.seconds,
                          s.frames / s.seconds, f"{s.bytes / 1e6:.1f} MB in {len(s.shards)} shards"))
         for w in [0] + [x for x in workers if x > 0]:
@@ -117,14 +130,16 @@ def main():
                                         tokens_per_frame=a.tokens_per_frame, image_size=a.image_size,
                                         num_workers=w, seed=0)
             next(loader)  # start-up (worker processes) not timed
-            t = time.perf_counter()
-            frames = samples = toks = 0
-            for _ in range(a.loader_batches):
-                bt = next(loader)
-                frames += bt["frames"].shape[0]
-                samples += bt["num_samples"]
-                toks += bt["tokens"].shape[1]
-            dt = time.perf_counter() - t
+
+            def run():
+                frames = samples = toks = 0
+                for _ in range(a.loader_batches):
+                    bt = next(loader)
+                    frames += bt["frames"].shape[0]
+                    samples += bt["num_samples"]
+                    toks += bt["tokens"].shape[1]
+                return frames, samples, toks
+            dt, (frames, samples, toks) = best(run)
             loader.close()
             rows.append((f"loader, {w} worker(s), seq {seq}", samples / dt, frames / dt,
                          f"{a.loader_batches / dt:.1f} micro-batches/s, {toks / dt / 1e3:.0f}k tokens/s"))
