@@ -179,6 +179,10 @@ def bad_dir(tmp_path):
             o.mux(p)
     ff = open(d / "videos" / "faststart.mp4", "rb").read()
     (d / "videos" / "truncated_faststart.mp4").write_bytes(ff[: len(ff) * 2 // 3])  # moov kept
+    for ext in (".webm", ".mkv"):  # the header (duration) survives, the data does not
+        write_video(str(d / "videos" / f"long{ext}"), np.repeat(frames, 4, axis=0))
+        full = open(d / "videos" / f"long{ext}", "rb").read()
+        (d / "videos" / f"truncated{ext}").write_bytes(full[: len(full) // 2])
     (d / "videos" / "empty.jpg").write_bytes(b"")
     Image.fromarray(frames[0]).save(d / "videos" / "ok.jpg")
 
@@ -196,7 +200,11 @@ def bad_dir(tmp_path):
              json.dumps({"image": "videos/empty.jpg", "conversations": conv("<image>\nQ?")}),
              json.dumps({"image": "videos/ok.jpg", "conversations": conv("<image>\nQ?")}),
              json.dumps(good[2]),
-             json.dumps({"video": "videos/faststart.mp4", "conversations": conv()})]
+             json.dumps({"video": "videos/faststart.mp4", "conversations": conv()}),
+             json.dumps({"video": "videos/truncated.webm", "conversations": conv()}),
+             json.dumps({"video": "videos/long.webm", "conversations": conv()}),
+             json.dumps({"video": "videos/truncated.mkv", "conversations": conv()}),
+             json.dumps({"video": "videos/long.mkv", "conversations": conv()})]
     (d / "ann.jsonl").write_text("\n".join(lines) + "\n")
     return d
 
@@ -206,11 +214,11 @@ def test_bad_input_is_skipped_and_named(bad_dir, tmp_path):
     s = preprocess(str(bad_dir / "ann.jsonl"), out, num_frames=4, image_size=16, num_workers=2,
                    shard_max_samples=2, progress=False)
     samples = read_tar_samples(out)
-    good = {0, 4, 10, 11, 12}
+    good = {0, 4, 10, 11, 12, 14, 16}
     assert sorted(samples) == [f"s{i:08d}" for i in sorted(good)]
     assert s.written == len(good)
     reasons = {name: why for name, why in s.skipped}
-    assert len(reasons) == 13 - len(good)
+    assert len(reasons) == 17 - len(good)
 
     def reason(idx):
         hit = [why for name, why in reasons.items() if name.startswith(f"entry {idx} ") or name == f"entry {idx}"]
@@ -224,11 +232,13 @@ def test_bad_input_is_skipped_and_named(bad_dir, tmp_path):
     assert "truncated.mp4" in reason(7)
     assert "truncated" in reason(8) and "truncated_faststart.mp4" in reason(8)
     assert "empty file" in reason(9)
+    assert "truncated" in reason(13) and "truncated.webm" in reason(13)
+    assert "truncated" in reason(15) and "truncated.mkv" in reason(15)
     # the good ones are complete
     for k in good:
         assert len([f for f in samples[f"s{k:08d}"] if f.endswith(".jpg")]) == (1 if k == 10 else 4)
     meta = json.load(open(os.path.join(out, ".nv-meta", "longvila.json")))
-    assert meta["summary"]["written"] == len(good) and len(meta["summary"]["skipped"]) == 8
+    assert meta["summary"]["written"] == len(good) and len(meta["summary"]["skipped"]) == 10
 
 
 def test_strict_stops_and_leaves_no_partial_shard(bad_dir, tmp_path):
@@ -251,7 +261,7 @@ def test_cli(bad_dir, tmp_path):
            "--workers", "2", "--no-progress"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert "videos written: 5" in r.stdout and "skipped: 8" in r.stdout
+    assert "videos written: 7" in r.stdout and "skipped: 10" in r.stdout
     assert "missing.mp4" in r.stdout
     r = subprocess.run(cmd + ["--strict", "--overwrite"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "corrupt.mp4" in r.stderr

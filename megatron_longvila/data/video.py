@@ -109,17 +109,30 @@ def decode_video(path: str, num_frames: Optional[int] = 8, fps: Optional[float] 
         stream = container.streams.video[0]
         tb = stream.time_base
         # Pass 1: presentation timestamps of all frames and of the keyframes (demux only).
+        # Every stream is demuxed (cheap) to see where the data really ends.
         pts, keys = [], []
+        data_end = 0.0
         try:
-            for packet in container.demux(stream):
-                if packet.size and packet.pts is not None:
+            for packet in container.demux():
+                if not packet.size or packet.pts is None:
+                    continue
+                if packet.stream.index == stream.index:
                     pts.append(int(packet.pts))
                     if packet.is_keyframe:
                         keys.append(int(packet.pts))
+                if packet.time_base is not None:
+                    data_end = max(data_end, float((packet.pts + (packet.duration or 0))
+                                                   * packet.time_base))
         except av.error.FFmpegError as e:
             raise MediaError(f"corrupt video {path} while reading packets: {e}") from e
         if not pts:
             raise MediaError(f"no video frames in {path}")
+        if container.duration and container.duration > 0:
+            # The header's duration (mkv/webm write it at the end of muxing) against the data.
+            header_end = ((container.start_time or 0) + container.duration) / 1e6
+            if data_end < 0.9 * header_end and header_end - data_end > 1.0:
+                raise MediaError(f"truncated video {path}: the data ends at {data_end:.2f}s, "
+                                 f"the header says {header_end:.2f}s")
         pts = sorted(set(pts))
         keys = sorted(set(keys)) or [pts[0]]
         declared = int(stream.frames or 0)
