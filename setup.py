@@ -22,7 +22,7 @@ setup(
         "einops",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "matplotlib"],
+        "test": ["pytest>=7", "pytest-timeout", "matplotlib", "megatron-energon"],
         "energon": ["megatron-energon"],
         "eval": ["matplotlib"],
         "gpu": ["transformer-engine[pytorch]", "apex", "flash-attn"],
