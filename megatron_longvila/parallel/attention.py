@@ -13,10 +13,14 @@ KV heads per tensor-parallel rank. Steps:
    after ``ring`` steps; query gradients stay local.
 3. The inverse all-to-all.
 
-Kernels for one block (``VarlenBlock``): on CUDA ``aten._flash_attention_forward`` /
-``_flash_attention_backward`` (varlen, returns the log-sum-exp; the backward takes the
-*final* output and log-sum-exp, which makes per-block gradients exact); elsewhere an exact
-math path (float32, or float64 for float64 inputs).
+Kernels for one block (``VarlenBlock``): on CUDA, segments of at least
+``MMSP_CUDNN_MIN_LEN`` (default 4096) query and key tokens go to cuDNN's dense SDPA kernel
+(``aten._scaled_dot_product_cudnn_attention``, the fastest on H100, with log-sum-exp), the
+rest to one varlen flash call (``aten._flash_attention_forward`` with cu_seqlens); both
+backwards take the *final* output and log-sum-exp, which makes per-block gradients exact.
+Elsewhere an exact math path (float32, or float64 for float64 inputs).
+``MMSP_ATTENTION_BACKEND=math|cuda`` forces a path; ``MMSP_CUDNN_MIN_LEN=0`` disables
+cuDNN. (The flash-attn package is not used: torch's own flash kernel is the same kernel.)
 """
 
 import os
@@ -35,7 +39,7 @@ def _backend(x: torch.Tensor) -> str:
     if forced:
         return forced
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-        return "cuda_flash"
+        return "cuda"
     return "math"
 
 
@@ -51,8 +55,8 @@ def block_forward(q, k, v, blk: VarlenBlock, scale: float):
     Returns ``out [Lq,h,d]`` (accumulation dtype, zero on uncovered rows) and
     ``lse [h,Lq]`` (``-inf`` on uncovered rows).
     """
-    if _backend(q) == "cuda_flash":
-        return _flash_block_forward(q, k, v, blk, scale)
+    if _backend(q) == "cuda":
+        return _cuda_block_forward(q, k, v, blk, scale)
     Lq, h, d = q.shape
     g = k.shape[1]
     rep = h // g
@@ -76,8 +80,8 @@ def block_forward(q, k, v, blk: VarlenBlock, scale: float):
 def block_backward(dout, q, k, v, out, lse, delta, blk: VarlenBlock, scale: float):
     """Gradients of one block given the *final* ``out``, ``lse [h,Lq]`` and
     ``delta = rowsum(dout * out) [h,Lq]``. Returns ``dq, dk, dv`` (accumulation dtype)."""
-    if _backend(q) == "cuda_flash":
-        return _flash_block_backward(dout, q, k, v, out, lse, blk, scale)
+    if _backend(q) == "cuda":
+        return _cuda_block_backward(dout, q, k, v, out, lse, blk, scale)
     Lq, h, d = q.shape
     g = k.shape[1]
     rep = h // g
@@ -100,6 +104,85 @@ def block_backward(dout, q, k, v, out, lse, delta, blk: VarlenBlock, scale: floa
         dq[qs:qe] += (torch.einsum("grqk,kgd->qgrd", ds, kk) * scale).reshape(n, h, d)
         dk[ks:ke] += torch.einsum("grqk,qgrd->kgd", ds, qq) * scale
         dv[ks:ke] += torch.einsum("grqk,qgrd->kgd", p, do)
+    return dq, dk, dv
+
+
+def _cudnn_min() -> int:
+    return int(os.environ.get("MMSP_CUDNN_MIN_LEN", "4096"))
+
+
+def _split_for_cudnn(blk: VarlenBlock):
+    """``(big segment indices, VarlenBlock of the rest or None)``, cached on the block."""
+    lim = _cudnn_min()
+    key = ("cudnn_split", lim)
+    if key not in blk._cache:
+        big, rest_q, rest_k = [], [], []
+        for i, ((qs, qe), (ks, ke)) in enumerate(zip(blk.q_ranges, blk.k_ranges)):
+            if lim > 0 and qe - qs >= lim and ke - ks >= lim:
+                big.append(i)
+            else:
+                rest_q.append((qs, qe))
+                rest_k.append((ks, ke))
+        rest = (VarlenBlock(rest_q, rest_k, blk.causal, blk.q_len, blk.k_len)
+                if rest_q else None)
+        blk._cache[key] = (big, rest)
+    return blk._cache[key]
+
+
+def _bhsd(x):
+    return x.permute(1, 0, 2).unsqueeze(0)  # [s, h, d] -> [1, h, s, d] (a view)
+
+
+def _cuda_block_forward(q, k, v, blk, scale):
+    big, rest = _split_for_cudnn(blk)
+    if not big:
+        return _flash_block_forward(q, k, v, blk, scale)
+    Lq, h, d = q.shape
+    if rest is None and len(big) == 1 and blk.q_ranges[0] == (0, Lq):
+        (ks, ke), = blk.k_ranges
+        r = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            _bhsd(q), _bhsd(k[ks:ke]), _bhsd(v[ks:ke]), None, True, 0.0, blk.causal, False,
+            scale=scale)
+        return r[0][0].permute(1, 0, 2), r[1][0, :, :, 0].float()
+    if rest is not None:
+        out, lse = _flash_block_forward(q, k, v, rest, scale)
+        out = out.to(q.dtype)
+    else:
+        out = q.new_zeros((Lq, h, d))
+        lse = q.new_full((h, Lq), _NEG_INF, dtype=torch.float32)
+    for i in big:
+        (qs, qe), (ks, ke) = blk.q_ranges[i], blk.k_ranges[i]
+        r = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            _bhsd(q[qs:qe]), _bhsd(k[ks:ke]), _bhsd(v[ks:ke]), None, True, 0.0, blk.causal,
+            False, scale=scale)
+        out[qs:qe] = r[0][0].permute(1, 0, 2)
+        lse[:, qs:qe] = r[1][0, :, :, 0]
+    return out, lse
+
+
+def _cuda_block_backward(dout, q, k, v, out, lse, blk, scale):
+    big, rest = _split_for_cudnn(blk)
+    if not big:
+        return _flash_block_backward(dout, q, k, v, out, lse, blk, scale)
+    if rest is not None:
+        dq, dk, dv = (t.float() for t in _flash_block_backward(dout, q, k, v, out, lse, rest,
+                                                                 scale))
+    else:
+        dq = q.new_zeros(q.shape, dtype=torch.float32)
+        dk = k.new_zeros(k.shape, dtype=torch.float32)
+        dv = v.new_zeros(v.shape, dtype=torch.float32)
+    seed = torch.zeros((), dtype=torch.int64, device=q.device)  # no dropout: unused
+    for i in big:
+        (qs, qe), (ks, ke) = blk.q_ranges[i], blk.k_ranges[i]
+        o_ = _bhsd(out[qs:qe].to(q.dtype)).contiguous()
+        do_ = _bhsd(dout[qs:qe].to(q.dtype)).contiguous()
+        l_ = lse[:, qs:qe].float().contiguous()[None, :, :, None]
+        a, b, c = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            do_, _bhsd(q[qs:qe]), _bhsd(k[ks:ke]), _bhsd(v[ks:ke]), o_, l_, seed, seed, None,
+            None, None, qe - qs, ke - ks, 0.0, blk.causal, scale=scale)
+        dq[qs:qe] += a[0].permute(1, 0, 2)
+        dk[ks:ke] += b[0].permute(1, 0, 2)
+        dv[ks:ke] += c[0].permute(1, 0, 2)
     return dq, dk, dv
 
 
@@ -222,7 +305,7 @@ class RingAttention(torch.autograd.Function):
         acc = _acc_dtype(q)
         dout = dout.contiguous()
         delta = None
-        if _backend(q) != "cuda_flash":  # the flash backward computes its own
+        if _backend(q) != "cuda":  # the flash backward computes its own
             delta = (dout.to(acc) * out.to(acc)).sum(-1).t().contiguous()  # [h, L]
         if R == 1:  # plain (varlen) attention: no ring bookkeeping
             if blocks[0] is None:

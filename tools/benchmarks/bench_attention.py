@@ -6,8 +6,9 @@
     python tools/benchmarks/bench_attention.py --out DIR --check    # GPU: kernel/ring exactness
     torchrun --nproc-per-node 2 tools/benchmarks/bench_attention.py --out DIR --check-dist
 
-1. Attention at SP=1 (our varlen path: ``aten._flash_attention_forward`` with cu_seqlens,
-   one call for the packed row) against torch SDPA with the cuDNN and the flash backends on
+1. Attention at SP=1 (our path: cuDNN SDPA per long document, one varlen
+   ``aten._flash_attention_forward`` call for the short ones; and flash varlen alone,
+   MMSP_CUDNN_MIN_LEN=0) against torch SDPA with the cuDNN and the flash backends on
    the same shapes (causal, bf16, 8k-128k tokens; one document, and a packed row of uneven
    documents, which SDPA runs document by document). TFLOP/s count 4*d*h per attended pair
    forward and 2.5x that backward.
@@ -126,7 +127,18 @@ def bench_kernels(args, device):
                             torch.autograd.grad(o, (qt, kt, vt), dot)
                 return run
 
-            methods = [("ours varlen (SP=1 path)", ours_f, ours_fb)]
+            def no_cudnn(fn):
+                def run():
+                    os.environ["MMSP_CUDNN_MIN_LEN"] = "0"
+                    try:
+                        fn()
+                    finally:
+                        os.environ.pop("MMSP_CUDNN_MIN_LEN")
+                return run
+
+            methods = [("ours (SP=1 path)", ours_f, ours_fb)]
+            if device.type == "cuda":
+                methods.append(("ours, flash varlen only", no_cudnn(ours_f), no_cudnn(ours_fb)))
             if device.type == "cuda":
                 methods += [("sdpa cudnn", sdpa(SDPBackend.CUDNN_ATTENTION, False),
                              sdpa(SDPBackend.CUDNN_ATTENTION, True)),
@@ -224,6 +236,14 @@ def _err(a, b):
 
 
 def check(device, lines):
+    for lim in ("0", "64"):  # 0: flash varlen only; 64: cuDNN for every segment of >= 64
+        os.environ["MMSP_CUDNN_MIN_LEN"] = lim
+        lines.append(f"-- MMSP_CUDNN_MIN_LEN={lim}")
+        _check(device, lines)
+    os.environ.pop("MMSP_CUDNN_MIN_LEN")
+
+
+def _check(device, lines):
     torch.manual_seed(0)
     cu = [0, 300, 357, 1000, 1203]
     S, h, g, d = cu[-1], 8, 2, 64
