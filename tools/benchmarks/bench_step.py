@@ -1,0 +1,595 @@
+#!/usr/bin/env python
+"""One training step (forward, backward, optimizer) of LongVILA, ours and a Hugging Face
+reference, on a packed video batch: tokens/s, MFU, peak memory. A worker of ``run_all.py``
+(which starts it in a subprocess per phase), usable alone:
+
+    python tools/benchmarks/bench_step.py --impl ours --lengths 8192,32768 --out rows.jsonl
+    python tools/benchmarks/bench_step.py --impl hf --hf-attn docs --lengths 8192 --out rows.jsonl
+    python tools/benchmarks/bench_step.py --impl ours --ladder --recompute full \
+        --lengths 32768,65536,98304,131072 --out rows.jsonl
+    python tools/benchmarks/bench_step.py --sanity --out rows.jsonl     # tiny model + matmul peak
+    python tools/benchmarks/bench_step.py --smoke ...                   # CPU, tiny preset
+
+Each result is one JSON line in ``--out`` (appended as soon as it is known, so a run killed at
+its time limit keeps what it measured). CUDA out-of-memory is caught per configuration
+("OOM"), memory freed, and the run goes on.
+
+Recompute modes (both implementations, switched on the same model between runs):
+``none``; ``vision`` = the vision tower's blocks are recomputed (Megatron full recompute of
+the ViT / HF gradient checkpointing of SigLIP), the language model keeps its activations;
+``full`` = every block of both. Without ``--ladder`` each length tries the modes in the order
+given, starting from the one the previous (shorter) length needed, until one fits.
+
+The reference (``--impl hf``): transformers' ``SiglipVisionModel`` (only the blocks that run,
+SDPA), the same VILA projector module, ``Qwen2ForCausalLM`` (SDPA) with its own loss,
+float32 parameters under ``torch.autocast(bfloat16)`` and ``torch.optim.AdamW(fused=True)``
+(the Hugging Face Trainer's ``--bf16``), gradient clipping 1.0 as ours. ``--hf-attn``:
+``sdpa`` = transformers' own handling of a packed row (it detects the restarting position
+ids and builds a block-causal mask for SDPA); ``docs`` = transformers' SDPA attention
+function called once per sub-sequence with no mask (is_causal kernels).
+"""
+
+import argparse
+import gc
+import json
+import math
+import os
+import socket
+import statistics
+import sys
+import time
+
+import torch
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.abspath(os.path.join(_HERE, "..", "..")))
+sys.path.insert(0, _HERE)
+
+from flops import step_flops  # noqa: E402
+from megatron_longvila.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
+
+MODES = ("none", "vision", "full")
+
+
+# ------------------------------------------------------------------ the workload
+
+def video_batch(cfg, length, frames_per_sample=32, text_per_sample=256, prompt_len=16,
+                seed=0, device="cpu", dtype=torch.float32):
+    """A packed row of exactly ``length`` tokens: video samples of ``frames_per_sample``
+    frames (the last one shortened to fit) each ``[prompt, frames * tokens_per_frame
+    placeholders, answer]`` with ``text_per_sample`` text tokens, then padding as its own
+    sub-sequence. Labels are the next token on the answers only.
+    """
+    g = torch.Generator().manual_seed(seed)
+    T = cfg.tokens_per_frame
+    tokens, labels, pos, seg, fps = [], [], [], [], []
+    rest = length
+    while rest >= T + text_per_sample:
+        nf = min(frames_per_sample, (rest - text_per_sample) // T)
+        ids = torch.randint(1, cfg.llm.vocab_size, (text_per_sample,), generator=g)
+        sample = torch.cat([ids[:prompt_len], torch.full((nf * T,), IMAGE_TOKEN_INDEX),
+                            ids[prompt_len:]])
+        lab = torch.full_like(sample, IGNORE_INDEX)
+        ans = prompt_len + nf * T
+        lab[ans:-1] = sample[ans + 1:]
+        tokens.append(sample), labels.append(lab), pos.append(torch.arange(len(sample)))
+        seg.append(len(sample)), fps.append(nf)
+        rest -= len(sample)
+    if rest:
+        tokens.append(torch.zeros(rest, dtype=torch.long))
+        labels.append(torch.full((rest,), IGNORE_INDEX))
+        pos.append(torch.arange(rest)), seg.append(rest), fps.append(0)
+    cu = torch.tensor([0] + torch.tensor(seg).cumsum(0).tolist(), dtype=torch.int32)
+    n_frames = sum(fps)
+    frames = torch.randn(n_frames, 3, cfg.vision.image_size, cfg.vision.image_size, generator=g)
+    labels = torch.cat(labels)[None]
+    return dict(tokens=torch.cat(tokens)[None].to(device), labels=labels.to(device),
+                position_ids=torch.cat(pos)[None].to(device),
+                cu_seqlens=cu,  # stays on the host: the model reads its boundaries there
+                frames=frames.to(device=device, dtype=dtype),
+                frames_per_sample=torch.tensor(fps), seg_lens=seg, n_frames=n_frames,
+                n_valid=int((labels != IGNORE_INDEX).sum()))
+
+
+# ------------------------------------------------------------------ process setup
+
+def init_dist(device):
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    if not dist.is_initialized():
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(port))
+        if device.type == "cuda":
+            torch.cuda.set_device(0)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0,
+                                world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def is_oom(e):
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        return True
+    msg = str(e).lower()
+    return isinstance(e, RuntimeError) and ("out of memory" in msg or "alloc_failed" in msg)
+
+
+def free(device):
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------ ours
+
+class Ours:
+    name = "ours"
+
+    def __init__(self, cfg, device, dtype, grad_fp32=True, fused_adam=True, lr=1e-5):
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron_longvila import cpu_compat
+        from megatron_longvila.models import LongVILAModel
+        cpu_compat.model_parallel_seed(1234)
+        model = LongVILAModel(cfg, dtype=dtype, transformer_impl="local")
+        if device.type == "cuda":
+            model.cuda()  # Megatron puts its layers there; the conv/projector are plain torch
+        self.model = model
+        self.ddp = DistributedDataParallel(
+            config=model.config,
+            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=grad_fp32),
+            module=model)
+        self.optimizer = "megatron-core"
+        try:
+            if device.type != "cuda":
+                raise RuntimeError("Megatron-Core's bf16 optimizer needs CUDA")
+            self.opt = get_megatron_optimizer(
+                OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.0, adam_beta1=0.9,
+                                adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0,
+                                bf16=dtype == torch.bfloat16, params_dtype=dtype,
+                                use_distributed_optimizer=False),
+                [self.ddp])
+            self.fused = fused_adam and _make_fused(self.opt)
+        except Exception as e:  # noqa: BLE001 - CPU smoke, or a GPU surprise: say so in the row
+            self.optimizer = f"fp32-master AdamW fallback ({type(e).__name__}: {str(e)[:80]})"
+            self.opt = MasterAdamW(model.parameters(), lr, fused=device.type == "cuda")
+            self.fused = self.opt.fused
+        self.device = device
+        self.n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def set_recompute(self, mode):
+        llm_cfg = self.model.config
+        vis_cfg = self.model.vision_model.config
+        full = mode == "full"
+        llm_cfg.recompute_granularity = "full" if full else None
+        llm_cfg.recompute_method = "uniform" if full else None
+        llm_cfg.recompute_num_layers = 1 if full else None
+        vis_cfg.recompute_granularity = "full" if mode in ("full", "vision") else None
+
+    def loss(self, b):
+        losses = self.ddp(b["tokens"], b["position_ids"], b["frames"], b["labels"],
+                          b["cu_seqlens"], b["frames_per_sample"])
+        return losses.sum() / b["n_valid"]
+
+    def step(self, b):
+        self.ddp.zero_grad_buffer()
+        self.opt.zero_grad()
+        loss = self.loss(b)
+        loss.backward()
+        self.ddp.finish_grad_sync()
+        self.opt.step()
+        return loss
+
+    def reset(self):
+        self.ddp.zero_grad_buffer()
+        self.opt.zero_grad()
+        for p in self.model.parameters():
+            p.grad = None
+
+
+class MasterAdamW:
+    """fp32 master weights + torch AdamW over Megatron DDP's ``main_grad`` buffers, clip 1.0:
+    what Megatron's bf16 optimizer does, used only where that one cannot be built."""
+
+    def __init__(self, params, lr, fused):
+        self.params = [p for p in params if p.requires_grad]
+        self.master = [p.detach().float().clone() for p in self.params]
+        self.fused = fused
+        self.opt = torch.optim.AdamW(self.master, lr=lr, betas=(0.9, 0.95), eps=1e-8,
+                                     weight_decay=0.0, fused=fused)
+
+    def zero_grad(self):
+        for m in self.master:
+            m.grad = None
+
+    def step(self):
+        for p, m in zip(self.params, self.master):
+            g = getattr(p, "main_grad", None)
+            g = p.grad if g is None else g
+            m.grad = g.float() if g is not None else torch.zeros_like(m)
+        torch.nn.utils.clip_grad_norm_(self.master, 1.0, foreach=True)
+        self.opt.step()
+        with torch.no_grad():
+            torch._foreach_copy_(self.params, self.master)
+
+
+def _make_fused(opt):
+    """Megatron-Core without TE/apex uses torch.optim.Adam(W) with its default (foreach)
+    implementation; switch the inner torch optimizers to the fused CUDA kernel."""
+    inner = [o.optimizer for o in getattr(opt, "chained_optimizers", [opt])]
+    ok = False
+    for o in inner:
+        if isinstance(o, torch.optim.Optimizer) and "fused" in o.defaults:
+            o.defaults["fused"], o.defaults["foreach"] = True, False
+            for g in o.param_groups:
+                g["fused"], g["foreach"] = True, False
+            ok = True
+    return ok
+
+
+# ------------------------------------------------------------------ the Hugging Face reference
+
+_DOC_BOUNDS = {"bounds": None}
+
+
+def _sdpa_docs(module, query, key, value, attention_mask, *args, **kwargs):
+    """transformers' SDPA attention, one call per sub-sequence (is_causal, no mask)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    bounds = _DOC_BOUNDS["bounds"] or [0, query.shape[2]]
+    kwargs.pop("is_causal", None)
+    outs = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        o, _ = sdpa_attention_forward(module, query[:, :, a:b], key[:, :, a:b],
+                                      value[:, :, a:b], None, *args, is_causal=True, **kwargs)
+        outs.append(o)
+    return torch.cat(outs, dim=1), None
+
+
+def _register_sdpa_docs():
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+    AttentionInterface.register("sdpa_docs", _sdpa_docs)
+    AttentionMaskInterface.register("sdpa_docs", lambda *a, **k: None)
+
+
+def hf_modules(cfg, attn="sdpa", device="cpu", dtype=torch.float32, seed=0):
+    """Random transformers modules of our shapes (full-depth SigLIP, so weights map 1:1)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
+    from megatron_longvila.models.projector import MultimodalProjector
+    impl = {"sdpa": "sdpa", "docs": "sdpa_docs", "eager": "eager"}[attn]
+    if impl == "sdpa_docs":
+        _register_sdpa_docs()
+    l, v = cfg.llm, cfg.vision
+    if l.family != "qwen2":
+        raise ValueError("the reference is built for the qwen2 presets")
+    torch.manual_seed(seed)
+    with torch.device(device):
+        lm = Qwen2ForCausalLM(Qwen2Config(
+            vocab_size=l.vocab_size, hidden_size=l.hidden_size,
+            intermediate_size=l.ffn_hidden_size, num_hidden_layers=l.num_layers,
+            num_attention_heads=l.num_attention_heads, num_key_value_heads=l.num_query_groups,
+            rms_norm_eps=l.norm_eps, rope_theta=l.rope_base,
+            max_position_embeddings=max(l.max_position_embeddings, 1 << 20),
+            tie_word_embeddings=l.tie_word_embeddings, attn_implementation=impl,
+            use_cache=False))
+        vt = SiglipVisionModel(SiglipVisionConfig(
+            hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+            num_hidden_layers=v.num_layers, num_attention_heads=v.num_attention_heads,
+            image_size=v.image_size, patch_size=v.patch_size, layer_norm_eps=v.norm_eps,
+            vision_use_head=False, attn_implementation="eager" if attn == "eager" else "sdpa"))
+        proj = MultimodalProjector(cfg.projector_type, v.hidden_size, l.hidden_size)
+    return lm.to(dtype), vt.to(dtype), proj.to(dtype)
+
+
+class HFReference(torch.nn.Module):
+    """SigLIP (the blocks that run) -> projector -> Qwen2ForCausalLM, VILA's data flow."""
+
+    def __init__(self, cfg, lm, vt, proj, attn):
+        super().__init__()
+        self.cfg, self.lm, self.vt, self.proj, self.attn = cfg, lm, vt, proj, attn
+        enc = getattr(vt, "vision_model", vt).encoder  # transformers 5.x moved it around
+        enc.layers = enc.layers[: cfg.vision_layers_used]  # hidden_states[select] = this output
+
+    def forward(self, tokens, position_ids, frames, labels, seg_lens):
+        vm = getattr(self.vt, "vision_model", self.vt)
+        visual = None
+        if frames.shape[0]:
+            x = vm.encoder(inputs_embeds=vm.embeddings(frames)).last_hidden_state
+            visual = self.proj(x).flatten(0, 1)
+        vis = tokens == IMAGE_TOKEN_INDEX
+        emb = self.lm.get_input_embeddings()(tokens.masked_fill(vis, 0))
+        if visual is not None:
+            emb = emb.masked_scatter(vis[..., None], visual.to(emb.dtype))
+        # our labels are the next token already; transformers shifts them itself
+        hf_labels = torch.cat([torch.full_like(labels[:, :1], IGNORE_INDEX), labels[:, :-1]], 1)
+        _DOC_BOUNDS["bounds"] = [0] + torch.tensor(seg_lens).cumsum(0).tolist()
+        try:
+            return self.lm(inputs_embeds=emb, position_ids=position_ids, labels=hf_labels).loss
+        finally:
+            _DOC_BOUNDS["bounds"] = None
+
+
+class HF:
+    def __init__(self, cfg, device, dtype, attn="docs", lr=1e-5):
+        lm, vt, proj = hf_modules(cfg, attn, device)  # float32 master weights
+        self.ref = HFReference(cfg, lm, vt, proj, attn).train()
+        self.name = f"hf ({'sdpa, packed mask' if attn == 'sdpa' else 'sdpa per document'})"
+        self.params = [p for p in self.ref.parameters() if p.requires_grad]
+        fused = device.type == "cuda"
+        self.opt = torch.optim.AdamW(self.params, lr=lr, betas=(0.9, 0.95), eps=1e-8,
+                                     weight_decay=0.0, fused=fused)
+        self.fused = fused
+        self.device, self.dtype = device, dtype
+        self.n_params = sum(p.numel() for p in self.params)
+
+    def set_recompute(self, mode):
+        kw = dict(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for m, on in ((self.ref.vt, mode in ("vision", "full")), (self.ref.lm, mode == "full")):
+            m.gradient_checkpointing_enable(**kw) if on else m.gradient_checkpointing_disable()
+
+    def loss(self, b):
+        with torch.autocast(self.device.type, dtype=self.dtype,
+                            enabled=self.dtype != torch.float32):
+            return self.ref(b["tokens"], b["position_ids"], b["frames"], b["labels"],
+                            b["seg_lens"])
+
+    def step(self, b):
+        self.opt.zero_grad(set_to_none=True)
+        loss = self.loss(b)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0, foreach=True)
+        self.opt.step()
+        return loss
+
+    def reset(self):
+        self.opt.zero_grad(set_to_none=True)
+
+
+# ------------------------------------------------------------------ timing
+
+def time_steps(runner, batch, warmup, steps, device, deadline=None):
+    """Median step time over ``steps`` timed steps after ``warmup``; stops early (keeping
+    at least one timed step) when the deadline comes."""
+    times, loss = [], None
+    for i in range(warmup + steps):
+        if i >= warmup + 1 and deadline is not None and time.time() > deadline:
+            break
+        if device.type == "cuda":
+            a, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            loss = runner.step(batch)
+            e.record()
+            e.synchronize()
+            dt = a.elapsed_time(e) / 1e3
+        else:
+            t = time.perf_counter()
+            loss = runner.step(batch)
+            dt = time.perf_counter() - t
+        if i >= warmup:
+            times.append(dt)
+    return times, float(loss.detach())
+
+
+def measure(runner, cfg, length, mode, args, device, peak_tflops, deadline=None):
+    row = dict(kind="step", impl=runner.name, tokens=length, recompute=mode)
+    batch = None
+    try:
+        runner.set_recompute(mode)
+        batch = video_batch(cfg, length, args.frames_per_sample, args.text_per_sample,
+                            device=device, dtype=torch.float32 if runner.name != "ours"
+                            else args.dtype)
+        row.update(frames=batch["n_frames"], samples=sum(1 for f in batch["frames_per_sample"]
+                                                         if f > 0))
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
+        times, loss = time_steps(runner, batch, args.warmup, args.steps, device, deadline)
+        med = statistics.median(times)
+        fl = step_flops(cfg, batch["seg_lens"], batch["n_frames"])
+        row.update(status="ok", steps=len(times), step_s=med,
+                   step_s_min=min(times), step_s_max=max(times), wall_s=time.time() - t0,
+                   tokens_per_s=length / med, model_tflop_per_step=fl["total"] / 1e12,
+                   tflops=fl["total"] / med / 1e12, loss=loss,
+                   flops_parts={k: v / 1e12 for k, v in fl.items()}, fused_adam=runner.fused,
+                   optimizer=getattr(runner, "optimizer", "torch AdamW"))
+        if peak_tflops:
+            row["mfu"] = fl["total"] / med / 1e12 / peak_tflops
+        if device.type == "cuda":
+            row.update(peak_mem_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
+                       peak_reserved_gib=torch.cuda.max_memory_reserved() / 2 ** 30)
+        if not math.isfinite(loss):
+            row["status"] = "non-finite loss"
+    except Exception as e:  # noqa: BLE001 - OOM is a result; anything else is reported
+        if is_oom(e):
+            row["status"] = "OOM"
+        else:
+            row["status"] = f"error: {type(e).__name__}: {str(e)[:300]}"
+        if device.type == "cuda":
+            row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    del batch
+    runner.reset()
+    free(device)
+    return row
+
+
+# ------------------------------------------------------------------ sanity + peak
+
+def matmul_peak(device, n=8192, reps=7, inner=20):
+    if device.type != "cuda":
+        n, inner = 256, 2
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    rates = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            for _ in range(inner):
+                a @ b
+            e.record()
+            e.synchronize()
+            dt = s.elapsed_time(e) / 1e3
+        else:
+            t = time.perf_counter()
+            for _ in range(inner):
+                a @ b
+            dt = time.perf_counter() - t
+        rates.append(2 * n ** 3 * inner / dt / 1e12)
+    return dict(kind="peak", n=n, tflops=statistics.median(rates), tflops_all=rates)
+
+
+def sanity(device):
+    """The tiny model, forward + backward in bf16 on the device: finite loss and gradients."""
+    from megatron_longvila import cpu_compat
+    from megatron_longvila.models import LongVILAModel, get_preset
+    cfg = get_preset("tiny")
+    cpu_compat.model_parallel_seed(0)
+    model = LongVILAModel(cfg, dtype=torch.bfloat16)
+    if device.type == "cuda":
+        model.cuda()
+    b = video_batch(cfg, 256, frames_per_sample=8, text_per_sample=32, device=device,
+                    dtype=torch.bfloat16)
+    t = time.perf_counter()
+    losses = model(b["tokens"], b["position_ids"], b["frames"], b["labels"], b["cu_seqlens"],
+                   b["frames_per_sample"])
+    loss = losses.sum() / b["n_valid"]
+    loss.backward()
+    sync(device)
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    ok_grads = all(g is not None and bool(torch.isfinite(g).all()) for g in grads)
+    row = dict(kind="sanity", model="tiny", dtype="bf16", tokens=256, frames=b["n_frames"],
+               loss=float(loss.detach()), grads_finite=ok_grads, n_grads=len(grads),
+               seconds=time.perf_counter() - t,
+               status="ok" if ok_grads and math.isfinite(float(loss)) else "FAILED")
+    del model
+    free(device)
+    return row
+
+
+def env_row(device):
+    import megatron.core
+    import transformers
+    row = dict(kind="env", torch=torch.__version__, megatron_core=megatron.core.__version__,
+               transformers=transformers.__version__, python=sys.version.split()[0],
+               device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+               date_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()))
+    if device.type == "cuda":
+        row.update(cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
+                   gpu_mem_gib=torch.cuda.get_device_properties(0).total_memory / 2 ** 30)
+    return row
+
+
+# ------------------------------------------------------------------ main
+
+def emit(path, row):
+    print(json.dumps(row), flush=True)
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def run(args):
+    device = torch.device(args.device)
+    if args.smoke:
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    init_dist(device)
+    if args.sanity:
+        emit(args.out, env_row(device))
+        emit(args.out, sanity(device))
+        emit(args.out, matmul_peak(device))
+        return
+    from megatron_longvila.models import get_preset
+    cfg = get_preset(args.model)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    modes = args.recompute.split(",")
+    for m in modes:
+        if m not in MODES:
+            raise SystemExit(f"--recompute: {m!r} is not one of {MODES}")
+    deadline = args.deadline or None
+    try:
+        if args.impl == "ours":
+            runner = Ours(cfg, device, args.dtype, grad_fp32=not args.grad_bf16,
+                          fused_adam=not args.no_fused_adam)
+        else:
+            runner = HF(cfg, device, args.dtype, attn=args.hf_attn)
+    except Exception as e:  # noqa: BLE001
+        status = "OOM" if is_oom(e) else f"error: {type(e).__name__}: {str(e)[:300]}"
+        for L in lengths:
+            emit(args.out, dict(kind="step", impl=args.impl, tokens=L, recompute=modes[0],
+                                status=f"build failed: {status}", ladder=args.ladder))
+        return
+    start_mode = 0
+    last = None  # (tokens, step_s) of the last success, for time estimates
+    for L in lengths:
+        tried = modes[start_mode:] if not args.ladder else modes[:1]
+        stop = False
+        for i, mode in enumerate(tried):
+            if deadline is not None and last is not None:
+                est = last[1] * (L / last[0]) ** 1.3 * (args.warmup + args.steps) + 5
+                if time.time() + est > deadline:
+                    emit(args.out, dict(kind="step", impl=runner.name, tokens=L,
+                                        recompute=mode, ladder=args.ladder,
+                                        status=f"skipped: budget (needs ~{est:.0f} s)"))
+                    stop = True
+                    break
+            row = measure(runner, cfg, L, mode, args, device, args.peak_tflops, deadline)
+            row["ladder"] = args.ladder
+            emit(args.out, row)
+            if row["status"] == "ok":
+                last = (L, row["step_s"])
+                if not args.ladder:
+                    start_mode = modes.index(mode)
+                break
+            if args.ladder or row["status"] != "OOM":
+                stop = args.ladder or stop
+                break
+        if stop:
+            break
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="JSON lines file to append to")
+    p.add_argument("--impl", choices=("ours", "hf"), default="ours")
+    p.add_argument("--hf-attn", choices=("sdpa", "docs"), default="docs")
+    p.add_argument("--model", default="qwen2-1.5b")
+    p.add_argument("--lengths", default="8192,32768")
+    p.add_argument("--recompute", default="none,vision,full",
+                   help="modes to try in order (ladder: the first one only)")
+    p.add_argument("--ladder", action="store_true", help="stop at the first failing length")
+    p.add_argument("--frames-per-sample", type=int, default=32)
+    p.add_argument("--text-per-sample", type=int, default=256)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="measured bf16 matmul rate, for MFU")
+    p.add_argument("--deadline", type=float, default=0.0, help="unix time to stop by")
+    p.add_argument("--grad-bf16", action="store_true",
+                   help="ours: accumulate gradients in bf16 (default fp32 as Megatron-LM)")
+    p.add_argument("--no-fused-adam", action="store_true")
+    p.add_argument("--sanity", action="store_true", help="tiny model fwd+bwd + matmul peak")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--smoke", action="store_true",
+                   help="CPU-sized: tiny preset, tiny lengths (sets --model tiny)")
+    args = p.parse_args(argv)
+    args.dtype = torch.bfloat16
+    if args.smoke:
+        args.model = "tiny"
+        args.frames_per_sample, args.text_per_sample = 4, 24
+    return args
+
+
+if __name__ == "__main__":
+    run(parse())
