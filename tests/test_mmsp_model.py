@@ -17,6 +17,7 @@ def _worker(rank, world, tp, cp, ring, ring_type, full_sd, cfg_dict, batch):
     from megatron_longvila.conversion.tp import gather_full_tensor, load_full_state_dict
     from megatron_longvila.models.config import LongVILAConfig
     from megatron_longvila.parallel.groups import initialize_mmsp
+    from megatron_longvila.parallel.mmsp import sp_prefill_logits
     from megatron_longvila.parallel.sharding import gather_sequence, sp_loss
 
     cfg = LongVILAConfig.from_dict(cfg_dict)
@@ -26,6 +27,11 @@ def _worker(rank, world, tp, cp, ring, ring_type, full_sd, cfg_dict, batch):
     model = LongVILAModel(cfg, seq_parallel_ring_type=ring_type)
     load_full_state_dict(model, full_sd)
     args = (batch["tokens"], batch["position_ids"], batch["frames"])
+    # inference: long prefill with the same sharding, logits of the last token of each sample
+    last = (batch["cu_seqlens"][1:] - 1).tolist()
+    prefill = sp_prefill_logits(model.eval(), *args, cu_seqlens=batch["cu_seqlens"],
+                                positions=last)
+    model.train()
     logits = model(*args, cu_seqlens=batch["cu_seqlens"], parallel_output=False)
     losses = model(*args, batch["labels"], batch["cu_seqlens"])
     if cp > 1:
@@ -46,7 +52,7 @@ def _worker(rank, world, tp, cp, ring, ring_type, full_sd, cfg_dict, batch):
         if cp > 1:  # each SP rank holds its share of the gradient: the sum is the gradient
             dist.all_reduce(g, group=parallel_state.get_context_parallel_group())
         grads[name] = g
-    return logits.detach(), loss.detach(), grads
+    return logits.detach(), loss.detach(), grads, prefill
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +81,10 @@ def test_mmsp_matches_single_process(setup, world, tp, cp, ring, ring_type):
     cfg, full, batch, ref = setup
     assert batch["frames"].shape[0] == 6 and len(batch["cu_seqlens"]) == 6
     outs = run_distributed(_worker, world, tp, cp, ring, ring_type, full, cfg.to_dict(), batch)
-    for logits, loss, grads in outs:
+    for logits, loss, grads, prefill in outs:
         assert logits.shape == ref[0].shape
+        torch.testing.assert_close(prefill, ref[0][0, (batch["cu_seqlens"][1:] - 1).long()],
+                                   rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(logits, ref[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(loss, ref[1], rtol=1e-6, atol=1e-6)
         assert grads.keys() == ref[2].keys() and len(grads) > 20

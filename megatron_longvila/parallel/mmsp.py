@@ -70,3 +70,29 @@ def mmsp_forward(model, tokens, position_ids, frames=None, labels=None, cu_seqle
     hidden = model.decode(hidden, shard.position_ids, packed)
     out = model.output(hidden, shard.labels, parallel_output)
     return out, MMSPBatch(layout, shard, groups)
+
+
+@torch.no_grad()
+def sp_prefill_logits(model, tokens, position_ids, frames=None, cu_seqlens=None, positions=None):
+    """Long prefill under the model's parallel layout; full-vocabulary logits ``[n, V]`` at
+    ``positions`` (indices into the original row; default: every token), on every rank.
+
+    At SP > 1 the row is sharded exactly as in training (frames split, 2D attention); each
+    rank fills the rows it owns and one all-reduce over the SP group assembles them, so only
+    the asked-for rows travel (e.g. the last prompt token of a needle question).
+    """
+    import torch.distributed as dist
+    logits = model(tokens, position_ids, frames, cu_seqlens=cu_seqlens, parallel_output=False)
+    S = tokens.shape[1]
+    pos = torch.arange(S) if positions is None else torch.as_tensor(positions).reshape(-1).cpu()
+    if parallel_state.get_context_parallel_world_size() == 1:
+        return logits[0, pos.to(logits.device)]
+    mb = model.mmsp_batch
+    ppos = mb.layout.orig_to_padded[pos]
+    mine = mb.layout.rank_of[ppos] == mb.groups.sp_rank
+    out = logits.new_zeros((len(pos), logits.shape[-1]))
+    if mine.any():
+        rows = mb.layout.local_of[ppos[mine]].to(logits.device)
+        out[mine.to(logits.device)] = logits[0, rows]
+    dist.all_reduce(out, group=mb.groups.sp_group)
+    return out
