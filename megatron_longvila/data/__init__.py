@@ -26,6 +26,8 @@ build_train_loader(data_paths, tokenizer, seq_length, micro_batch_size=1, tokens
     lengths required; load_state_dict says which setting differs otherwise); stats() gives
     batches / dropped / subsampled counts; close() stops the worker processes.
     The batches depend on dp_rank only: every TP/SP/CP rank of one DP rank gets the same ones.
+    dp_rank=None / dp_size=None: taken from megatron.core.parallel_state (the data-parallel
+    group without context parallelism) when it is initialised, else 0 / 1.
 
 make_synthetic_dataset(out_dir, num_videos=16, num_frames=4, image_size=32, seed=0,
                        num_text_only=0, shard_max_samples=4, image_format="jpg", ...) -> str

@@ -466,13 +466,34 @@ class LongVILALoader:
             pass
 
 
+def default_data_parallel() -> Tuple[int, int]:
+    """(rank, size) of the data-parallel group (excluding context parallelism) when Megatron's
+    model parallel state is initialised, else (0, 1)."""
+    try:
+        from megatron.core import parallel_state as ps
+        if ps.model_parallel_is_initialized():
+            return (ps.get_data_parallel_rank(with_context_parallel=False),
+                    ps.get_data_parallel_world_size(with_context_parallel=False))
+    except ImportError:
+        pass
+    return 0, 1
+
+
 def build_train_loader(data_paths, tokenizer: Union[str, ChatTokenizer], seq_length: int,
                        micro_batch_size: int = 1, tokens_per_frame: int = 1,
-                       image_size: int = 384, dp_rank: int = 0, dp_size: int = 1,
+                       image_size: int = 384, dp_rank: Optional[int] = 0,
+                       dp_size: Optional[int] = 1,
                        seed: int = 1234, num_workers: int = 2, num_frames: Optional[int] = None,
                        drop_or_subsample: str = "drop", shuffle: bool = True,
                        shuffle_buffer: int = 64, epochs: Optional[int] = None,
                        prefetch_factor: int = 2) -> LongVILALoader:
+    """See ``megatron_longvila/data/__init__.py``. ``dp_rank=None``/``dp_size=None`` take them
+    from Megatron's parallel_state (data-parallel group without context parallelism: TP, PP and
+    CP/SP ranks of one DP rank share the batches)."""
+    if dp_rank is None or dp_size is None:
+        r, w = default_data_parallel()
+        dp_rank = r if dp_rank is None else dp_rank
+        dp_size = w if dp_size is None else dp_size
     if isinstance(tokenizer, str):
         tokenizer = build_tokenizer(tokenizer)
     specs = [read_dataset(p, w) for p, w in parse_data_paths(data_paths)]
