@@ -5,6 +5,8 @@ Megatron-Core assumes a GPU in a few spots that have nothing to do with the mode
 nothing in the GPU path changes. Every patch below says why it exists.
 """
 
+import types
+
 import torch
 
 _ENABLED = False
@@ -48,6 +50,52 @@ def _cpu_synchronize(device=None):
     return None
 
 
+def _cpu_clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    # Megatron's version asserts ``grad.type() == 'torch.cuda.FloatTensor'`` before scaling; the
+    # same scaling (by max_norm / (total_norm + 1e-6) when below 1) of CPU fp32 gradients.
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = [getattr(p, attr).detach() for p in parameters if getattr(p, attr, None) is not None]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+class _CudaToCpuTorch(types.ModuleType):
+    """``torch`` as seen by a Megatron-Core module that builds small bookkeeping tensors with a
+    hard-coded ``device="cuda"`` (the optimizer's loss-scale / found-inf tensors, the gradient
+    norm in clip_grads, the token counter of the micro-batch schedules). Without CUDA these
+    tensors belong on the CPU; every other attribute is plain ``torch``."""
+
+    _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange")
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        attr = getattr(torch, name)
+        if name in self._FACTORIES:
+            def factory(*args, _f=attr, **kwargs):
+                dev = kwargs.get("device")
+                if dev is not None and torch.device(dev).type == "cuda":
+                    kwargs["device"] = "cpu"
+                return _f(*args, **kwargs)
+            return factory
+        return attr
+
+
+# Megatron-Core modules (training path: optimizer, gradient clipping, schedules, DDP buffers)
+# that create tensors with device="cuda" literally.
+_CUDA_LITERAL_MODULES = (
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.utils",  # local_multi_tensor_l2_norm (the grad norm without apex/TE)
+)
+
+
 def enable():
     """Install the CPU shims if (and only if) CUDA is not available. Idempotent."""
     global _ENABLED
@@ -60,6 +108,14 @@ def enable():
     mpu_random.CudaRNGStatesTracker.add = _cpu_tracker_add
     torch.cuda.current_device = _cpu_current_device
     torch.cuda.synchronize = _cpu_synchronize
+    import importlib
+    from megatron.core.optimizer import clip_grads as mcore_clip_grads
+    from megatron.core.optimizer import optimizer as mcore_optimizer
+    mcore_clip_grads.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+    mcore_optimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+    proxy = _CudaToCpuTorch()
+    for name in _CUDA_LITERAL_MODULES:
+        importlib.import_module(name).torch = proxy
     _ENABLED = True
 
 
