@@ -91,14 +91,20 @@ def read_annotations(path: str) -> List[Tuple[int, Any]]:
     with open(path, "r", encoding="utf-8") as f:
         text = f.read()
     stripped = text.lstrip()
-    if path.endswith(".json") or stripped.startswith("["):
+    if stripped.startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise AnnotationError(f"{path} is not valid JSON: {e}") from e
-        if not isinstance(data, list):
-            raise AnnotationError(f"{path}: expected a JSON list of entries, got {type(data).__name__}")
         return list(enumerate(data))
+    try:  # one JSON document that is not a list (JSONL files fail here and are read below)
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        pass
+    else:
+        if not (isinstance(data, dict) and "conversations" in data):
+            raise AnnotationError(f"{path}: expected a JSON list of entries or JSONL, "
+                                  f"got one {type(data).__name__}")
     out = []
     idx = 0
     for lineno, line in enumerate(text.splitlines(), 1):
