@@ -8,7 +8,7 @@
 needles.json: ``[{"image": "needles/a.png", "question": "...", "answer": "..."}, ...]`` (image
 paths relative to the JSON). --haystack is a video (N-1 frames sampled uniformly for N frames)
 or "synthetic" (plain grey frames, see megatron_longvila/evaluation/needle_data.py). A needle
-is inserted at frame round(depth * (N-1)). Answers are greedy; --match exact | contains.
+is inserted at frame floor(depth * (N-1) + 0.5). Answers are greedy; --match exact | contains.
 Writes --output (JSON, rewritten after every cell; finished cells are skipped on a rerun with
 the same settings) and the heatmap PNG (--heatmap, default: the output with .png).
 """

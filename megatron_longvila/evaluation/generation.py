@@ -18,7 +18,6 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from PIL import Image
 
 from ..constants import IMAGE_TOKEN_INDEX
@@ -121,31 +120,15 @@ class GenerationConfig:
     stop_ids: List[int] = field(default_factory=list)
 
 
-def _sp_state():
-    from megatron.core import parallel_state
-    return parallel_state.get_context_parallel_world_size()
-
-
 @torch.no_grad()
 def last_token_logits(model, tokens: torch.Tensor, frames: Optional[torch.Tensor]) -> torch.Tensor:
     """fp32 logits ``[V]`` of the last position of ``tokens [1, S]`` (full vocabulary, on every
-    rank). At SP > 1 the forward is MM-SP-sharded; the rank holding the last token shares its
-    logits over the SP group."""
+    rank). At SP > 1 the forward is MM-SP-sharded and only the last row travels
+    (``parallel.mmsp.sp_prefill_logits``)."""
+    from ..parallel.mmsp import sp_prefill_logits
     S = tokens.shape[1]
     position_ids = torch.arange(S, dtype=torch.long, device=tokens.device)[None]
-    logits = model(tokens, position_ids, frames, parallel_output=False)
-    if _sp_state() == 1:
-        return logits[0, -1].float()
-    mb = model.mmsp_batch
-    layout = mb.layout
-    p = int(layout.orig_to_padded[S - 1])
-    owner, local = int(layout.rank_of[p]), int(layout.local_of[p])
-    if mb.groups.sp_rank == owner:
-        out = logits[0, local].float().clone()
-    else:
-        out = torch.zeros(logits.shape[-1], dtype=torch.float32, device=logits.device)
-    dist.all_reduce(out, group=mb.groups.sp_group)
-    return out
+    return sp_prefill_logits(model, tokens, position_ids, frames, positions=[S - 1])[0].float()
 
 
 def _pick(logits: torch.Tensor, cfg: GenerationConfig, gen: Optional[torch.Generator]) -> int:

@@ -2,7 +2,7 @@
 
 For a cell (N frames, depth d) and a needle (image, question, answer): N-1 frames are sampled
 uniformly from the haystack video (or made synthetically), the needle image is inserted as
-frame ``round(d * (N-1))`` (d = 0: first frame, d = 1: last), the model answers the question
+frame ``floor(d * (N-1) + 0.5)`` (d = 0: first frame, d = 1: last), the model answers the question
 about the N frames, and the answer is scored by exact match (case and surrounding
 punctuation/space ignored) or by containment (the expected answer appears in the output).
 
@@ -66,7 +66,10 @@ def score(output: str, answer: str, match: str = "exact") -> bool:
 
 
 def needle_index(num_frames: int, depth: float) -> int:
-    return int(round(depth * (num_frames - 1)))
+    """Frame index of the needle: depth * (N-1), halves rounded up."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth {depth} is outside [0, 1]")
+    return int(np.floor(depth * (num_frames - 1) + 0.5))
 
 
 def insert_needle(haystack: Sequence[np.ndarray], needle: np.ndarray, depth: float) -> List[np.ndarray]:

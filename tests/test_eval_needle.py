@@ -1,0 +1,140 @@
+"""V-NIAH: scoring, needle placement, resumable results, heatmap, and the CLI end to end on a
+saved checkpoint: SP=2 (gloo) answers exactly like SP=1, and a rerun skips finished cells."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from dist import run_distributed
+from megatron_longvila.evaluation import needle as N
+
+
+def test_score():
+    assert N.score("Red.", "red") and N.score("  red ", "Red")
+    assert not N.score("red square", "red")
+    assert N.score("The square is red.", "red", "contains")
+    assert not N.score("The square is reddish.", "red", "contains")
+    assert not N.score("green", "red", "contains")
+
+
+def test_insert_needle_depths():
+    hay = [np.full((2, 2, 3), i, np.uint8) for i in range(7)]
+    needle = np.full((2, 2, 3), 255, np.uint8)
+    for depth, at in ((0.0, 0), (0.5, 4), (1.0, 7), (0.25, 2)):
+        frames = N.insert_needle(hay, needle, depth)
+        assert len(frames) == 8
+        where = [i for i, f in enumerate(frames) if f[0, 0, 0] == 255]
+        assert where == [at] == [N.needle_index(8, depth)]
+        rest = [int(f[0, 0, 0]) for f in frames if f[0, 0, 0] != 255]
+        assert rest == list(range(7))
+
+
+def test_run_grid_resume_and_heatmap(tmp_path):
+    needles = [N.Needle("a.png", "q?", "red"), N.Needle("b.png", "q?", "blue")]
+    imgs = [np.full((4, 4, 3), 200, np.uint8), np.full((4, 4, 3), 100, np.uint8)]
+    calls = []
+
+    def answer_fn(frames, nd):
+        calls.append((len(frames), nd.answer))
+        pos = [i for i, f in enumerate(frames) if f[0, 0, 0] in (200, 100)][0]
+        return nd.answer if pos < len(frames) - 1 else "green"  # wrong when last
+
+    def hay(n):
+        return [np.zeros((4, 4, 3), np.uint8)] * n
+
+    path = str(tmp_path / "r.json")
+    s = {"checkpoint": "x"}
+    N.run_grid(answer_fn, hay, needles, imgs, [2, 4], [0.0, 1.0], N.Results(path, s))
+    assert len(calls) == 8
+    first = json.load(open(path))
+    assert first["summary"] == {"cells": 4, "answers": 8, "correct": 4, "accuracy": 0.5}
+    calls.clear()
+    res = N.run_grid(answer_fn, hay, needles, imgs, [2, 4, 8], [0.0, 0.5, 1.0],
+                     N.Results(path, s))
+    # only the 5 new cells ran: (2,.5), (4,.5), (8,0), (8,.5), (8,1)
+    assert sorted(set(calls)) == sorted({(n, a) for n in (2, 4, 8) for a in ("red", "blue")})
+    assert len(calls) == 10
+    data = res.to_dict()
+    assert [(c["frames"], c["depth"]) for c in data["cells"]] == \
+        [(n, d) for n in (2, 4, 8) for d in (0.0, 0.5, 1.0)]
+    acc = {(c["frames"], c["depth"]): c["accuracy"] for c in data["cells"]}
+    assert acc[(8, 1.0)] == 0.0 and acc[(8, 0.5)] == 1.0 and acc[(2, 0.5)] == 0.0
+    with pytest.raises(ValueError, match="other settings"):
+        N.Results(path, {"checkpoint": "y"})
+    png = N.plot_heatmap(data, str(tmp_path / "r.png"))
+    from PIL import Image
+    with Image.open(png) as im:
+        assert im.size[0] > 200 and im.size[1] > 150
+
+
+def _save_worker(rank, world, path, seed):
+    from megatron_longvila import cpu_compat
+    from megatron_longvila.conversion.tp import full_state_dict, load_full_state_dict
+    from megatron_longvila.models import LongVILAModel
+    from megatron_longvila.models.config import get_preset
+    from megatron_longvila.parallel.groups import initialize_mmsp
+    from megatron_longvila.training.checkpointing import save_model_checkpoint
+    initialize_mmsp()
+    cpu_compat.model_parallel_seed(seed)
+    model = LongVILAModel(get_preset("tiny"))
+    g = torch.Generator().manual_seed(seed)
+    sd = {k: v + 0.3 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+          for k, v in full_state_dict(model).items()}
+    load_full_state_dict(model, sd)
+    save_model_checkpoint(model, path)
+
+
+def _eval_worker(rank, world, argv):
+    import contextlib
+    import io
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("eval_needle", os.path.join(root, "tools", "eval_needle.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        mod.main(argv)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    from megatron_longvila.evaluation.needle_data import make_needle_eval_set
+    d = tmp_path_factory.mktemp("niah")
+    run_distributed(_save_worker, 1, str(d / "ckpt"), 0)
+    needles = make_needle_eval_set(str(d / "eval"), haystack_frames_count=12, needles_per_colour=1,
+                                   colours=("red", "blue"))
+    return d, str(d / "ckpt"), needles
+
+
+def _argv(d, ckpt, needles, out, frames="3,6", depths="0,1"):
+    return ["--load", ckpt, "--haystack", str(d / "eval" / "haystack.mp4"), "--needles", needles,
+            "--frame-counts", frames, "--depths", depths, "--max-new-tokens", "4",
+            "--output", str(d / out)]
+
+
+def test_cli_sp2_answers_like_sp1_and_resumes(ckpt):
+    d, path, needles = ckpt
+    (log1,) = run_distributed(_eval_worker, 1, _argv(d, path, needles, "sp1.json"))
+    logs2 = run_distributed(_eval_worker, 2, _argv(d, path, needles, "sp2.json"))
+    r1, r2 = json.load(open(d / "sp1.json")), json.load(open(d / "sp2.json"))
+    assert os.path.getsize(d / "sp1.png") > 0 and os.path.getsize(d / "sp2.png") > 0
+    outs1 = [(c["key"], [a["output"] for a in c["answers"]]) for c in r1["cells"]]
+    outs2 = [(c["key"], [a["output"] for a in c["answers"]]) for c in r2["cells"]]
+    assert len(outs1) == 4 and all(len(o) == 2 for _, o in outs1)
+    # the perturbed random model says different things for different inputs
+    assert len({tuple(o) for _, o in outs1}) > 1 and any(x for _, o in outs1 for x in o)
+    assert outs2 == outs1
+    assert "accuracy" in log1 and "accuracy" in logs2[0] and logs2[1] == ""
+    # resume: a wider grid runs only the new cells; the old ones are kept as they were
+    (log3,) = run_distributed(_eval_worker, 1,
+                              _argv(d, path, needles, "sp1.json", frames="3,6", depths="0,0.5,1"))
+    assert log3.count("frames") == 2 and "depth  0.50" in log3
+    r3 = json.load(open(d / "sp1.json"))
+    old = {c["key"]: c for c in r1["cells"]}
+    assert len(r3["cells"]) == 6
+    assert all(c == old[c["key"]] for c in r3["cells"] if c["key"] in old)
