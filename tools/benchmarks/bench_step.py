@@ -5,9 +5,9 @@ reference, on a packed video batch: tokens/s, MFU, peak memory. A worker of ``ru
 
     python tools/benchmarks/bench_step.py --impl ours --lengths 8192,32768 --out rows.jsonl
     python tools/benchmarks/bench_step.py --impl hf --hf-attn docs --lengths 8192 --out rows.jsonl
-    python tools/benchmarks/bench_step.py --impl ours --ladder --recompute full \
-        --lengths 32768,65536,98304,131072 --out rows.jsonl
-    python tools/benchmarks/bench_step.py --sanity --out rows.jsonl     # tiny model + matmul peak
+    python tools/benchmarks/bench_step.py --impl ours --lengths "" \
+        --ladder-lengths 32768,65536,98304,131072 --out rows.jsonl     # full recompute ladder
+    python tools/benchmarks/bench_step.py --sanity --lengths "" --out rows.jsonl  # tiny + peak
     python tools/benchmarks/bench_step.py --smoke ...                   # CPU, tiny preset
 
 Each result is one JSON line in ``--out`` (appended as soon as it is known, so a run killed at
@@ -17,8 +17,9 @@ its time limit keeps what it measured). CUDA out-of-memory is caught per configu
 Recompute modes (both implementations, switched on the same model between runs):
 ``none``; ``vision`` = the vision tower's blocks are recomputed (Megatron full recompute of
 the ViT / HF gradient checkpointing of SigLIP), the language model keeps its activations;
-``full`` = every block of both. Without ``--ladder`` each length tries the modes in the order
-given, starting from the one the previous (shorter) length needed, until one fits.
+``full`` = every block of both. Each of ``--lengths`` tries the modes in the order given,
+starting from the one the previous (shorter) length needed, until one fits; the
+``--ladder-lengths`` then run in ``--ladder-mode`` (full) and stop at the first failure.
 
 The reference (``--impl hf``): transformers' ``SiglipVisionModel`` (only the blocks that run,
 SDPA), the same VILA projector module, ``Qwen2ForCausalLM`` (SDPA) with its own loss,
@@ -100,8 +101,8 @@ def init_dist(device):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(port))
+        # one rank of our own: a fresh port (an inherited MASTER_PORT may be taken)
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         if device.type == "cuda":
             torch.cuda.set_device(0)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0,
@@ -310,11 +311,9 @@ class HFReference(torch.nn.Module):
             emb = emb.masked_scatter(vis[..., None], visual.to(emb.dtype))
         # our labels are the next token already; transformers shifts them itself
         hf_labels = torch.cat([torch.full_like(labels[:, :1], IGNORE_INDEX), labels[:, :-1]], 1)
+        # read by _sdpa_docs, also when gradient checkpointing recomputes in the backward
         _DOC_BOUNDS["bounds"] = [0] + torch.tensor(seg_lens).cumsum(0).tolist()
-        try:
-            return self.lm(inputs_embeds=emb, position_ids=position_ids, labels=hf_labels).loss
-        finally:
-            _DOC_BOUNDS["bounds"] = None
+        return self.lm(inputs_embeds=emb, position_ids=position_ids, labels=hf_labels).loss
 
 
 class HF:
@@ -383,6 +382,11 @@ def measure(runner, cfg, length, mode, args, device, peak_tflops, deadline=None)
     batch = None
     try:
         runner.set_recompute(mode)
+        fake = int(os.environ.get("BENCH_FAKE_OOM_ABOVE", "0"))
+        if fake and length > fake and mode != "full":  # tests: exercise the OOM handling
+            raise torch.cuda.OutOfMemoryError(f"fake OOM above {fake} tokens")
+        if fake and length > 2 * fake:
+            raise torch.cuda.OutOfMemoryError(f"fake OOM above {2 * fake} tokens")
         batch = video_batch(cfg, length, args.frames_per_sample, args.text_per_sample,
                             device=device, dtype=torch.float32 if runner.name != "ours"
                             else args.dtype)
@@ -499,6 +503,30 @@ def emit(path, row):
             f.write(json.dumps(row) + "\n")
 
 
+def _cascade(runner, cfg, L, modes, start_mode, args, device, deadline, last, ladder):
+    """Try ``modes[start_mode:]`` at length L until one fits; returns (row or None, index)."""
+    steps, warmup = (args.ladder_steps, 1) if ladder else (args.steps, args.warmup)
+    for i in range(start_mode, len(modes)):
+        mode = modes[i]
+        if deadline is not None and last is not None:
+            est = last[1] * (L / last[0]) ** 1.5 * (warmup + steps) + 10
+            if time.time() + est > deadline:
+                emit(args.out, dict(kind="step", impl=runner.name, tokens=L, recompute=mode,
+                                    ladder=ladder,
+                                    status=f"skipped: budget (needs ~{est:.0f} s)"))
+                return None, -1
+        a = argparse.Namespace(**vars(args))
+        a.steps, a.warmup = steps, warmup
+        row = measure(runner, cfg, L, mode, a, device, args.peak_tflops, deadline)
+        row["ladder"] = ladder
+        emit(args.out, row)
+        if row["status"] == "ok":
+            return row, i
+        if row["status"] != "OOM":
+            return None, -1
+    return None, len(modes)
+
+
 def run(args):
     device = torch.device(args.device)
     if args.smoke:
@@ -507,15 +535,19 @@ def run(args):
     if args.sanity:
         emit(args.out, env_row(device))
         emit(args.out, sanity(device))
-        emit(args.out, matmul_peak(device))
+        peak = matmul_peak(device)
+        emit(args.out, peak)
+        args.peak_tflops = args.peak_tflops or peak["tflops"]
+    lengths = [int(x) for x in args.lengths.split(",") if x]
+    ladder = [int(x) for x in args.ladder_lengths.split(",") if x]
+    if not lengths and not ladder:
         return
     from megatron_longvila.models import get_preset
     cfg = get_preset(args.model)
-    lengths = [int(x) for x in args.lengths.split(",")]
     modes = args.recompute.split(",")
-    for m in modes:
+    for m in modes + [args.ladder_mode]:
         if m not in MODES:
-            raise SystemExit(f"--recompute: {m!r} is not one of {MODES}")
+            raise SystemExit(f"recompute mode {m!r} is not one of {MODES}")
     deadline = args.deadline or None
     try:
         if args.impl == "ours":
@@ -525,37 +557,33 @@ def run(args):
             runner = HF(cfg, device, args.dtype, attn=args.hf_attn)
     except Exception as e:  # noqa: BLE001
         status = "OOM" if is_oom(e) else f"error: {type(e).__name__}: {str(e)[:300]}"
-        for L in lengths:
-            emit(args.out, dict(kind="step", impl=args.impl, tokens=L, recompute=modes[0],
-                                status=f"build failed: {status}", ladder=args.ladder))
+        name = args.impl if args.impl == "ours" else f"hf ({args.hf_attn})"
+        for L, lad in [(L, False) for L in lengths] + [(L, True) for L in ladder]:
+            emit(args.out, dict(kind="step", impl=name, tokens=L, ladder=lad,
+                                recompute=args.ladder_mode if lad else modes[0],
+                                status=f"build failed: {status}"))
         return
-    start_mode = 0
-    last = None  # (tokens, step_s) of the last success, for time estimates
-    for L in lengths:
-        tried = modes[start_mode:] if not args.ladder else modes[:1]
-        stop = False
-        for i, mode in enumerate(tried):
-            if deadline is not None and last is not None:
-                est = last[1] * (L / last[0]) ** 1.3 * (args.warmup + args.steps) + 5
-                if time.time() + est > deadline:
-                    emit(args.out, dict(kind="step", impl=runner.name, tokens=L,
-                                        recompute=mode, ladder=args.ladder,
-                                        status=f"skipped: budget (needs ~{est:.0f} s)"))
-                    stop = True
-                    break
-            row = measure(runner, cfg, L, mode, args, device, args.peak_tflops, deadline)
-            row["ladder"] = args.ladder
-            emit(args.out, row)
-            if row["status"] == "ok":
-                last = (L, row["step_s"])
-                if not args.ladder:
-                    start_mode = modes.index(mode)
+    emit(args.out, dict(kind="model", impl=runner.name, trainable_params=runner.n_params,
+                        fused_adam=runner.fused,
+                        optimizer=getattr(runner, "optimizer", "torch AdamW")))
+    done, start, last = {}, 0, None
+    for L in lengths:  # (b)/(c): each length in the cheapest recompute mode that fits
+        row, idx = _cascade(runner, cfg, L, modes, start, args, device, deadline, last, False)
+        if row is None:
+            if idx == -1:
                 break
-            if args.ladder or row["status"] != "OOM":
-                stop = args.ladder or stop
-                break
-        if stop:
+            continue
+        start, last = idx, (L, row["step_s"])
+        done[(L, row["recompute"])] = row
+    for L in ladder:  # (d): longest length with full recompute, stop at the first failure
+        if (L, args.ladder_mode) in done:
+            emit(args.out, dict(done[(L, args.ladder_mode)], ladder=True))
+            continue
+        row, idx = _cascade(runner, cfg, L, [args.ladder_mode], 0, args, device, deadline,
+                            last, True)
+        if row is None:
             break
+        last = (L, row["step_s"])
 
 
 def parse(argv=None):
@@ -567,8 +595,11 @@ def parse(argv=None):
     p.add_argument("--model", default="qwen2-1.5b")
     p.add_argument("--lengths", default="8192,32768")
     p.add_argument("--recompute", default="none,vision,full",
-                   help="modes to try in order (ladder: the first one only)")
-    p.add_argument("--ladder", action="store_true", help="stop at the first failing length")
+                   help="modes to try in order for --lengths")
+    p.add_argument("--ladder-lengths", default="",
+                   help="after --lengths: lengths with --ladder-mode, stop at the first failure")
+    p.add_argument("--ladder-mode", default="full")
+    p.add_argument("--ladder-steps", type=int, default=2, help="timed steps per rung (+1 warm-up)")
     p.add_argument("--frames-per-sample", type=int, default=32)
     p.add_argument("--text-per-sample", type=int, default=256)
     p.add_argument("--warmup", type=int, default=2)
