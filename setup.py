@@ -20,6 +20,7 @@ setup(
         "numpy",
         "tqdm",
         "einops",
+        "psutil",  # megatron-core dist checkpointing's writer hangs on the CPU without it
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "matplotlib", "megatron-energon"],
