@@ -5,6 +5,10 @@ plain PyAV decode loop of the same videos. Prints a table.
   python tools/benchmarks/bench_data.py                 # defaults: 24 videos, 320x240, 20-30 s @ 24 fps
   python tools/benchmarks/bench_data.py --num-videos 8 --seconds 4   # quicker
 
+Columns: wall-clock videos/s and frames/s (frames decoded, kept or delivered), and CPU
+milliseconds per video (this process plus its worker processes) which shared, busy machines
+distort less than wall time.
+
 Rows:
   pyav decode (baseline)   every frame decoded to RGB with PyAV, one process: the floor cost of
                            touching the videos at all
@@ -17,6 +21,7 @@ Rows:
 
 import argparse
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -31,6 +36,12 @@ from megatron_longvila.data import build_train_loader  # noqa: E402
 from megatron_longvila.data.preprocess import preprocess  # noqa: E402
 from megatron_longvila.data.synthetic import make_synthetic_videos  # noqa: E402
 from megatron_longvila.data.video import resize_frame  # noqa: E402
+
+
+def cpu_seconds():
+    """User + system CPU of this process and of its children that have been waited for."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def pyav_decode_all(paths, rgb=True):
@@ -97,57 +108,66 @@ def main():
         pyav_decode_all(paths[:2])  # warm-up
 
         def best(fn):
+            """Fastest of --repeat runs: (wall s, CPU s of this process + reaped children, result)."""
             out = None
             for _ in range(max(1, a.repeat)):
-                t = time.perf_counter()
+                c, t = cpu_seconds(), time.perf_counter()
                 r = fn()
-                dt = time.perf_counter() - t
+                dt, dc = time.perf_counter() - t, cpu_seconds() - c
                 if out is None or dt < out[0]:
-                    out = (dt, r)
+                    out = (dt, dc, r)
             return out
 
+        nv = len(paths)
         for rgb in (False, True):
-            dt, fr = best(lambda: pyav_decode_all(paths, rgb))
+            dt, dc, fr = best(lambda: pyav_decode_all(paths, rgb))
             rows.append((f"baseline: pyav decode all frames{' + to RGB' if rgb else ''}",
-                         len(paths) / dt, fr / dt, f"{fr} frames decoded"))
-        dt, kept = best(lambda: pyav_decode_select(paths, a.num_frames, a.image_size))
-        rows.append((f"pyav decode + keep {a.num_frames} + resize", len(paths) / dt, kept / dt,
-                     f"{kept} frames kept"))
+                         nv / dt, fr / dt, 1e3 * dc / nv, f"{fr} frames decoded"))
+        dt, dc, kept = best(lambda: pyav_decode_select(paths, a.num_frames, a.image_size))
+        rows.append((f"pyav decode + keep {a.num_frames} + resize", nv / dt, kept / dt,
+                     1e3 * dc / nv, f"{kept} frames kept"))
         out = None
         for w in workers:
             out = os.path.join(root, f"wds_w{w}")
-            s = None
-            for _ in range(max(1, a.repeat)):
-                r = preprocess(ann, out, num_frames=a.num_frames, image_size=a.image_size,
-                               num_workers=w, progress=False, overwrite=True, shard_max_samples=8)
-                if s is None or r.seconds < s.seconds:
-                    s = r
-            rows.append((f"preprocess -> shards, {w} worker(s)", s.written / s.seconds,
-                         s.frames / s.seconds, f"{s.bytes / 1e6:.1f} MB in {len(s.shards)} shards"))
+            dt, dc, s = best(lambda: preprocess(ann, out, num_frames=a.num_frames,
+                                                image_size=a.image_size, num_workers=w,
+                                                progress=False, overwrite=True,
+                                                shard_max_samples=8))
+            rows.append((f"preprocess -> shards, {w} worker(s)", s.written / dt, s.frames / dt,
+                         1e3 * dc / s.written, f"{s.bytes / 1e6:.1f} MB in {len(s.shards)} shards"))
+        seq = (a.num_frames * a.tokens_per_frame + 200) * 2
         for w in [0] + [x for x in workers if x > 0]:
-            seq = (a.num_frames * a.tokens_per_frame + 200) * 2
-            loader = build_train_loader(out, "tiny", seq_length=seq, micro_batch_size=1,
-                                        tokens_per_frame=a.tokens_per_frame, image_size=a.image_size,
-                                        num_workers=w, seed=0)
-            next(loader)  # start-up (worker processes) not timed
-
             def run():
+                """Wall time of --loader-batches micro-batches after the first (start-up); CPU
+                over the loader's whole life (workers included once they are joined)."""
+                c0 = cpu_seconds()
+                loader = build_train_loader(out, "tiny", seq_length=seq, micro_batch_size=1,
+                                            tokens_per_frame=a.tokens_per_frame,
+                                            image_size=a.image_size, num_workers=w, seed=0)
+                first = next(loader)
+                t = time.perf_counter()
                 frames = samples = toks = 0
                 for _ in range(a.loader_batches):
                     bt = next(loader)
                     frames += bt["frames"].shape[0]
                     samples += bt["num_samples"]
                     toks += bt["tokens"].shape[1]
-                return frames, samples, toks
-            dt, (frames, samples, toks) = best(run)
-            loader.close()
-            rows.append((f"loader, {w} worker(s), seq {seq}", samples / dt, frames / dt,
+                dt = time.perf_counter() - t
+                loader.close()
+                cpu_per_sample = (cpu_seconds() - c0) / (samples + first["num_samples"])
+                return dt, frames, samples, toks, cpu_per_sample
+            res = [run() for _ in range(max(1, a.repeat))]
+            dt, frames, samples, toks, cps = min(res, key=lambda r: r[0])
+            rows.append((f"loader, {w} worker(s), seq {seq}", samples / dt, frames / dt, 1e3 * cps,
                          f"{a.loader_batches / dt:.1f} micro-batches/s, {toks / dt / 1e3:.0f}k tokens/s"))
         print()
-        print(f"| {'what':<44} | {'videos/s':>9} | {'frames/s':>9} | notes")
-        print(f"|{'-' * 46}|{'-' * 11}|{'-' * 11}|------")
-        for name, vps, fps, note in rows:
-            print(f"| {name:<44} | {vps:9.1f} | {fps:9.1f} | {note}")
+        print(f"| {'what':<44} | {'videos/s':>9} | {'frames/s':>9} | {'CPU ms/video':>12} | notes")
+        print(f"|{'-' * 46}|{'-' * 11}|{'-' * 11}|{'-' * 14}|------")
+        for name, vps, fps, cpu, note in rows:
+            print(f"| {name:<44} | {vps:9.1f} | {fps:9.1f} | {cpu:12.1f} | {note}")
+        la = os.getloadavg()
+        print(f"\nload average at the end: {la[0]:.1f} {la[1]:.1f} {la[2]:.1f} (wall-clock rates "
+              f"are only comparable on an otherwise idle machine; CPU ms/video is less sensitive)")
     finally:
         if a.keep is None:
             shutil.rmtree(root, ignore_errors=True)
