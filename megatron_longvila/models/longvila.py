@@ -103,6 +103,11 @@ class LongVILAModel(MegatronModule):
         emb = self.language_model.embedding.word_embeddings(tokens.masked_fill(is_visual, 0))
         if n_visual:
             emb = emb.masked_scatter(is_visual[..., None], visual.to(emb.dtype))
+        elif visual is not None and visual.requires_grad:
+            # MM-SP: this rank's token shard holds no placeholder, but its (empty) routed
+            # embeddings must stay in the graph: the route's backward all-to-all is collective,
+            # and the ranks that encoded frames wait in it for this rank.
+            emb = emb + visual.sum().to(emb.dtype)
         return emb.transpose(0, 1).contiguous()
 
     def decode(self, hidden: torch.Tensor, position_ids: torch.Tensor,
