@@ -19,7 +19,7 @@ from megatron_longvila.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa:
 from megatron_longvila.models.config import (LanguageModelConfig, LongVILAConfig,  # noqa: E402
                                               VisionConfig)
 
-from modelutil import full_mcore_state_from_hf, hf_state_getters, init_single_process  # noqa: E402,F401
+from modelutil import full_mcore_state_from_hf, init_single_process  # noqa: E402
 
 
 def _cfg():

@@ -19,7 +19,8 @@ Recompute modes (both implementations, switched on the same model between runs):
 the ViT / HF gradient checkpointing of SigLIP), the language model keeps its activations;
 ``full`` = every block of both. Each of ``--lengths`` tries the modes in the order given,
 starting from the one the previous (shorter) length needed, until one fits; the
-``--ladder-lengths`` then run in ``--ladder-mode`` (full) and stop at the first failure.
+``--ladder-lengths`` then run in ``--ladder-mode`` (full) and stop at the first failure;
+a ladder row is one long video sample (``--ladder-frames-per-sample 0``) unless told.
 
 The reference (``--impl hf``): transformers' ``SiglipVisionModel`` (only the blocks that run,
 SDPA), the same VILA projector module, ``Qwen2ForCausalLM`` (SDPA) with its own loss,
@@ -517,6 +518,8 @@ def _cascade(runner, cfg, L, modes, start_mode, args, device, deadline, last, la
                 return None, -1
         a = argparse.Namespace(**vars(args))
         a.steps, a.warmup = steps, warmup
+        if ladder:  # one video sample fills the row (0: as many frames as fit)
+            a.frames_per_sample = args.ladder_frames_per_sample or 10 ** 9
         row = measure(runner, cfg, L, mode, a, device, args.peak_tflops, deadline)
         row["ladder"] = ladder
         emit(args.out, row)
@@ -566,7 +569,7 @@ def run(args):
     emit(args.out, dict(kind="model", impl=runner.name, trainable_params=runner.n_params,
                         fused_adam=runner.fused,
                         optimizer=getattr(runner, "optimizer", "torch AdamW")))
-    done, start, last = {}, 0, None
+    start, last = 0, None
     for L in lengths:  # (b)/(c): each length in the cheapest recompute mode that fits
         row, idx = _cascade(runner, cfg, L, modes, start, args, device, deadline, last, False)
         if row is None:
@@ -574,11 +577,7 @@ def run(args):
                 break
             continue
         start, last = idx, (L, row["step_s"])
-        done[(L, row["recompute"])] = row
     for L in ladder:  # (d): longest length with full recompute, stop at the first failure
-        if (L, args.ladder_mode) in done:
-            emit(args.out, dict(done[(L, args.ladder_mode)], ladder=True))
-            continue
         row, idx = _cascade(runner, cfg, L, [args.ladder_mode], 0, args, device, deadline,
                             last, True)
         if row is None:
@@ -599,6 +598,8 @@ def parse(argv=None):
     p.add_argument("--ladder-lengths", default="",
                    help="after --lengths: lengths with --ladder-mode, stop at the first failure")
     p.add_argument("--ladder-mode", default="full")
+    p.add_argument("--ladder-frames-per-sample", type=int, default=0,
+                   help="ladder rows: frames per sample (0: one sample fills the row)")
     p.add_argument("--ladder-steps", type=int, default=2, help="timed steps per rung (+1 warm-up)")
     p.add_argument("--frames-per-sample", type=int, default=32)
     p.add_argument("--text-per-sample", type=int, default=256)

@@ -238,7 +238,7 @@ class Driver:
         def fmt(r):
             ok = r.get("status") == "ok"
             return dict(impl=r["impl"], tokens=r["tokens"], recompute=r.get("recompute", ""),
-                        frames=r.get("frames", ""),
+                        frames=f"{r['frames']} in {r['samples']}" if "frames" in r else "",
                         step_s=f"{r['step_s']:.3f}" if ok else "",
                         n=r.get("steps", ""),
                         tok_s=f"{r['tokens_per_s']:.0f}" if ok else "",
@@ -249,7 +249,8 @@ class Driver:
                         status=_short(r.get("status", "")))
         cols = ["impl", "tokens", "recompute", "frames", "step_s", "n", "tok_s", "tflops", "mfu",
                 "mem", "loss", "status"]
-        heads = ["implementation", "tokens", "recompute", "frames", "step s (median)", "steps",
+        heads = ["implementation", "tokens", "recompute", "frames in samples", "step s (median)",
+                 "steps",
                  "tokens/s", "model TFLOP/s", "MFU", "peak GiB", "loss", "status"]
         main = [r for r in steps if not r.get("ladder")]
         lad = [r for r in steps if r.get("ladder")]
@@ -283,7 +284,8 @@ class Driver:
             out += [f"model FLOPs of the {parts[-1]['tokens']}-token step "
                     f"({parts[-1]['frames']} frames), TFLOP: " +
                     ", ".join(f"{k} {v:.1f}" for k, v in p.items()), ""]
-        out += ["## (d) longest sequence on one GPU, full recompute", "",
+        out += ["## (d) longest sequence on one GPU, full recompute (one video sample per row)",
+                "",
                 md_table([fmt(r) for r in lad], cols, heads), ""]
         for impl in sorted({r["impl"] for r in lad}):
             ok = [r["tokens"] for r in lad if r["impl"] == impl and r.get("status") == "ok"]
