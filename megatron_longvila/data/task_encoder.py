@@ -135,7 +135,8 @@ class TaskEncoder:
             convs = meta["conversations"]
         except Exception as e:  # noqa: BLE001
             raise SampleError(f"{where}: bad .json ({type(e).__name__}: {e})") from e
-        frame_keys = sorted(k for k in raw if not k.startswith("__") and k.rsplit(".", 1)[-1] in IMAGE_EXTS)
+        frame_keys = sorted((k for k in raw if not k.startswith("__") and k.rsplit(".", 1)[-1] in IMAGE_EXTS),
+                            key=lambda k: (0, int(k.split(".")[0]), k) if k.split(".")[0].isdigit() else (1, 0, k))
         frames = [raw[k] for k in frame_keys]
         if self.num_frames is not None and len(frames) > self.num_frames:
             frames = [frames[i] for i in uniform_subset(len(frames), self.num_frames)]
