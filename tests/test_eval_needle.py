@@ -138,3 +138,31 @@ def test_cli_sp2_answers_like_sp1_and_resumes(ckpt):
     old = {c["key"]: c for c in r1["cells"]}
     assert len(r3["cells"]) == 6
     assert all(c == old[c["key"]] for c in r3["cells"] if c["key"] in old)
+
+
+def test_needle_dataset_keeps_every_frame(tmp_path):
+    """Training shards hold every frame of each needle video, the needle where it was drawn."""
+    from megatron_longvila.data import build_train_loader
+    from megatron_longvila.evaluation.needle_data import NEEDLE_COLOURS, make_needle_dataset
+    wds = make_needle_dataset(str(tmp_path), num_videos=6, frames_per_video=(1, 6), seed=5)
+    ann = {f"needle-{i}": e for i, e in
+           enumerate(json.load(open(tmp_path / "raw" / "annotations.json")))}
+    loader = build_train_loader(wds, "tiny", seq_length=512, tokens_per_frame=4, image_size=32,
+                                num_workers=0, epochs=1, shuffle=False)
+    seen = 0
+    for b in loader:
+        frames = b["frames"]
+        start = 0
+        for key, nf in zip(b["sample_keys"], b["frames_per_sample"].tolist()):
+            if not key.startswith("s"):
+                continue
+            e = ann[f"needle-{int(key[1:])}"]
+            assert nf == e["num_frames"]
+            f = frames[start:start + nf]
+            sat = (f.amax(1) - f.amin(1)).flatten(1).amax(1)  # colour saturation per frame
+            assert int(sat.argmax()) == e["needle_index"] and sat.max() > 0.5
+            assert e["conversations"][1]["value"] in NEEDLE_COLOURS
+            start += nf
+            seen += 1
+    loader.close()
+    assert seen == 6

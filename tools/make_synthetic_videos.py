@@ -5,6 +5,10 @@
   python tools/make_synthetic_videos.py --out /tmp/synth --num-videos 8 --shards --num-frames 4 --image-size 32
 
 --shards also runs them through the real preprocessing into <out>/wds.
+--needle: the needle-in-a-haystack task instead (megatron_longvila/evaluation/needle_data.py):
+grey videos of --min-frames..--frames-per-video frames with one coloured-square frame; with
+--shards, preprocessed keeping every frame; --needle-eval-set also writes a held-out haystack
+video and needle images (<out>/eval/needles.json) for tools/eval_needle.py.
 """
 
 import argparse
@@ -30,7 +34,20 @@ def main(argv=None):
     p.add_argument("--shards", action="store_true", help="also write shards to <out>/wds")
     p.add_argument("--num-frames", type=int, default=4)
     p.add_argument("--image-size", type=int, default=32)
+    p.add_argument("--needle", action="store_true", help="the needle task (see above)")
+    p.add_argument("--min-frames", type=int, default=1, help="--needle: fewest frames per video")
+    p.add_argument("--needle-eval-set", action="store_true", help="--needle: also the eval set")
     a = p.parse_args(argv)
+    if a.needle:
+        from megatron_longvila.evaluation import needle_data as nd
+        span = (a.min_frames, a.frames_per_video)
+        if a.shards:
+            print(f"dataset: {nd.make_needle_dataset(a.out, a.num_videos, span, a.width, a.image_size, a.seed)}")
+        else:
+            print(f"annotations: {nd.make_needle_videos(a.out, a.num_videos, span, a.width, a.seed)}")
+        if a.needle_eval_set:
+            print(f"needles: {nd.make_needle_eval_set(os.path.join(a.out, 'eval'), size=a.width, seed=a.seed + 10_000)}")
+        return 0
     if a.shards:
         path = make_synthetic_dataset(a.out, num_videos=a.num_videos, num_frames=a.num_frames,
                                       image_size=a.image_size, seed=a.seed,
