@@ -14,10 +14,12 @@ KV heads per tensor-parallel rank. Steps:
 3. The inverse all-to-all.
 
 Kernels for one block (``VarlenBlock``): on CUDA, segments of at least
-``MMSP_CUDNN_MIN_LEN`` (default 4096) query and key tokens go to cuDNN's dense SDPA kernel
+``MMSP_CUDNN_MIN_LEN`` (default 2048; backward ``MMSP_CUDNN_BWD_MIN_LEN``, default 8192)
+query and key tokens go to cuDNN's dense SDPA kernel
 (``aten._scaled_dot_product_cudnn_attention``, the fastest on H100, with log-sum-exp), the
 rest to one varlen flash call (``aten._flash_attention_forward`` with cu_seqlens); both
-backwards take the *final* output and log-sum-exp, which makes per-block gradients exact.
+backwards take the *final* output and log-sum-exp, which makes per-block gradients exact
+(so forward and backward may pick different kernels for a segment).
 Elsewhere an exact math path (float32, or float64 for float64 inputs).
 ``MMSP_ATTENTION_BACKEND=math|cuda`` forces a path; ``MMSP_CUDNN_MIN_LEN=0`` disables
 cuDNN. (The flash-attn package is not used: torch's own flash kernel is the same kernel.)
@@ -107,13 +109,18 @@ def block_backward(dout, q, k, v, out, lse, delta, blk: VarlenBlock, scale: floa
     return dq, dk, dv
 
 
-def _cudnn_min() -> int:
-    return int(os.environ.get("MMSP_CUDNN_MIN_LEN", "4096"))
+def _cudnn_min(backward: bool = False) -> int:
+    """Shortest segment for cuDNN (H100: its forward wins from ~2k tokens, its backward only
+    from ~8k; below that one varlen flash call beats a loop of per-document calls)."""
+    fwd = int(os.environ.get("MMSP_CUDNN_MIN_LEN", "2048"))
+    if not backward or fwd <= 0:
+        return fwd
+    return max(fwd, int(os.environ.get("MMSP_CUDNN_BWD_MIN_LEN", "8192")))
 
 
-def _split_for_cudnn(blk: VarlenBlock):
+def _split_for_cudnn(blk: VarlenBlock, backward: bool = False):
     """``(big segment indices, VarlenBlock of the rest or None)``, cached on the block."""
-    lim = _cudnn_min()
+    lim = _cudnn_min(backward)
     key = ("cudnn_split", lim)
     if key not in blk._cache:
         big, rest_q, rest_k = [], [], []
@@ -161,16 +168,14 @@ def _cuda_block_forward(q, k, v, blk, scale):
 
 
 def _cuda_block_backward(dout, q, k, v, out, lse, blk, scale):
-    big, rest = _split_for_cudnn(blk)
+    # segments of a block are disjoint in query rows and in key rows: no accumulation here
+    big, rest = _split_for_cudnn(blk, backward=True)
     if not big:
         return _flash_block_backward(dout, q, k, v, out, lse, blk, scale)
     if rest is not None:
-        dq, dk, dv = (t.float() for t in _flash_block_backward(dout, q, k, v, out, lse, rest,
-                                                                 scale))
+        dq, dk, dv = _flash_block_backward(dout, q, k, v, out, lse, rest, scale)
     else:
-        dq = q.new_zeros(q.shape, dtype=torch.float32)
-        dk = k.new_zeros(k.shape, dtype=torch.float32)
-        dv = v.new_zeros(v.shape, dtype=torch.float32)
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     seed = torch.zeros((), dtype=torch.int64, device=q.device)  # no dropout: unused
     for i in big:
         (qs, qe), (ks, ke) = blk.q_ranges[i], blk.k_ranges[i]
@@ -180,9 +185,9 @@ def _cuda_block_backward(dout, q, k, v, out, lse, blk, scale):
         a, b, c = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             do_, _bhsd(q[qs:qe]), _bhsd(k[ks:ke]), _bhsd(v[ks:ke]), o_, l_, seed, seed, None,
             None, None, qe - qs, ke - ks, 0.0, blk.causal, scale=scale)
-        dq[qs:qe] += a[0].permute(1, 0, 2)
-        dk[ks:ke] += b[0].permute(1, 0, 2)
-        dv[ks:ke] += c[0].permute(1, 0, 2)
+        dq[qs:qe] = a[0].permute(1, 0, 2)
+        dk[ks:ke] = b[0].permute(1, 0, 2)
+        dv[ks:ke] = c[0].permute(1, 0, 2)
     return dq, dk, dv
 
 
@@ -199,9 +204,9 @@ def _flash_block_forward(q, k, v, blk, scale):
     lse = _lse_to_hq(lse, cu_q, h, qg.shape[0])
     if qi is None:
         return o, lse  # kernel dtype; the ring merge accumulates in float32
-    out = q.new_zeros((Lq, h, d), dtype=torch.float32)
+    out = q.new_zeros((Lq, h, d))
     full = q.new_full((h, Lq), _NEG_INF, dtype=torch.float32)
-    out.index_copy_(0, qi, o.float())
+    out.index_copy_(0, qi, o)
     full.index_copy_(1, qi, lse)
     return out, full
 
@@ -229,16 +234,17 @@ def _flash_block_backward(dout, q, k, v, out, lse, blk, scale):
         dog, qg, kg, vg, og, lg, cu_q, cu_k, mq, mk, 0.0, blk.causal, rng, unused, scale=scale)
     if qi is None and ki is None:
         return dq, dk, dv  # kernel dtype; callers accumulate in float32 where needed
-    Dq = q.new_zeros(q.shape, dtype=torch.float32)
-    Dk = k.new_zeros(k.shape, dtype=torch.float32)
-    Dv = v.new_zeros(v.shape, dtype=torch.float32)
-    Dq.index_copy_(0, qi, dq.float()) if qi is not None else Dq.copy_(dq)
-    if ki is not None:
-        Dk.index_copy_(0, ki, dk.float())
-        Dv.index_copy_(0, ki, dv.float())
+    Dq, Dk, Dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    if qi is None:
+        Dq.copy_(dq)
     else:
+        Dq.index_copy_(0, qi, dq)
+    if ki is None:
         Dk.copy_(dk)
         Dv.copy_(dv)
+    else:
+        Dk.index_copy_(0, ki, dk)
+        Dv.index_copy_(0, ki, dv)
     return Dq, Dk, Dv
 
 

@@ -129,11 +129,15 @@ def bench_kernels(args, device):
 
             def no_cudnn(fn):
                 def run():
+                    old = os.environ.get("MMSP_CUDNN_MIN_LEN")
                     os.environ["MMSP_CUDNN_MIN_LEN"] = "0"
                     try:
                         fn()
                     finally:
-                        os.environ.pop("MMSP_CUDNN_MIN_LEN")
+                        if old is None:
+                            os.environ.pop("MMSP_CUDNN_MIN_LEN")
+                        else:
+                            os.environ["MMSP_CUDNN_MIN_LEN"] = old
                 return run
 
             methods = [("ours (SP=1 path)", ours_f, ours_fb)]
@@ -237,10 +241,11 @@ def _err(a, b):
 
 def check(device, lines):
     for lim in ("0", "64"):  # 0: flash varlen only; 64: cuDNN for every segment of >= 64
-        os.environ["MMSP_CUDNN_MIN_LEN"] = lim
-        lines.append(f"-- MMSP_CUDNN_MIN_LEN={lim}")
+        os.environ["MMSP_CUDNN_MIN_LEN"] = os.environ["MMSP_CUDNN_BWD_MIN_LEN"] = lim
+        lines.append(f"-- MMSP_CUDNN_MIN_LEN=MMSP_CUDNN_BWD_MIN_LEN={lim}")
         _check(device, lines)
     os.environ.pop("MMSP_CUDNN_MIN_LEN")
+    os.environ.pop("MMSP_CUDNN_BWD_MIN_LEN")
 
 
 def _check(device, lines):
@@ -386,7 +391,6 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.check:
         check(device, lines)
-        print("\n".join(lines))
     if not args.paper_only and not args.check:
         print(f"attention at SP=1 on {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}"
               f", torch {torch.__version__}, h={args.heads} kv={args.kv_heads} d={args.head_dim}")
