@@ -155,3 +155,27 @@ def test_driver_smoke(tmp_path, monkeypatch):
     assert len(saved["rows"]) == len(rows)
     assert (out / "tables.md").read_text().startswith("# LongVILA benchmarks")
     assert not (out / "rows.jsonl").exists()
+
+
+@pytest.mark.parametrize("impl", ["ours", "hf"])
+def test_step_trains(impl):
+    """A few optimizer steps on one batch lower the loss: gradients reach the optimizer."""
+    init_single_process()
+    cfg = _cfg()
+    dev = torch.device("cpu")
+    if impl == "ours":
+        runner = bench_step.Ours(cfg, dev, torch.float32, lr=3e-3, model_name="tiny")
+        assert runner.optimizer == "megatron-core", runner.optimizer
+        # the trainer's builders are used when they are there
+        assert runner.setup.startswith("trainer"), runner.setup
+        # the fused-AdamW switch finds the inner torch optimizers (used on CUDA only)
+        assert bench_step._make_fused(runner.opt)
+        for o in getattr(runner.opt, "chained_optimizers", [runner.opt]):
+            assert all(g["fused"] for g in o.optimizer.param_groups)
+            for g in o.optimizer.param_groups:
+                g["fused"], g["foreach"] = None, None  # back to the CPU implementation
+    else:
+        runner = bench_step.HF(cfg, dev, torch.float32, attn="docs", lr=3e-3)
+    b = bench_step.video_batch(cfg, 120, frames_per_sample=3, text_per_sample=20, seed=3)
+    losses = [float(runner.step(b)) for _ in range(4)]
+    assert losses[-1] < losses[0] - 0.05, losses

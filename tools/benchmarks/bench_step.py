@@ -135,7 +135,44 @@ def free(device):
 class Ours:
     name = "ours"
 
-    def __init__(self, cfg, device, dtype, grad_fp32=True, fused_adam=True, lr=1e-5):
+    def __init__(self, cfg, device, dtype, grad_fp32=True, fused_adam=True, lr=1e-5,
+                 model_name="qwen2-1.5b", use_trainer=True):
+        self.setup = "bench"
+        built = None
+        if use_trainer and grad_fp32 and dtype in (torch.bfloat16, torch.float32):
+            try:  # the trainer's own model/DDP/optimizer construction, when it is there
+                built = self._build_with_trainer(cfg, model_name, lr, dtype == torch.bfloat16)
+                self.setup = "trainer build_model/build_optimizer"
+            except Exception as e:  # noqa: BLE001
+                self.setup = f"bench (trainer build failed: {type(e).__name__}: {str(e)[:120]})"
+                free(device)
+        if built is None:
+            built = self._build_here(cfg, device, dtype, grad_fp32, lr)
+        self.model, self.ddp, self.opt, self.optimizer = built
+        model = self.model
+        self.fused = fused_adam and device.type == "cuda" and _make_fused(self.opt)
+        self.device = device
+        self.n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    @staticmethod
+    def _build_with_trainer(cfg, model_name, lr, bf16):
+        from megatron_longvila.arguments import parse_args, validate_args
+        from megatron_longvila.training.train import build_model, build_optimizer
+        targs = parse_args(["--model", model_name] + (["--bf16"] if bf16 else []) + [
+                            "--seq-length", "8192",
+                            "--micro-batch-size", "1", "--train-iters", "10", "--lr", str(lr),
+                            "--min-lr", str(lr), "--clip-grad", "1.0", "--weight-decay", "0.0",
+                            "--adam-beta1", "0.9", "--adam-beta2", "0.95",
+                            "--adam-eps", "1e-8"])
+        validate_args(targs, 1)
+        targs.model_config = cfg
+        ddp, model = build_model(targs)
+        opt, _ = build_optimizer(targs, ddp)
+        return model, ddp, opt, "megatron-core"
+
+    @staticmethod
+    def _build_here(cfg, device, dtype, grad_fp32, lr):
+        """Megatron-Core DDP + optimizer as the trainer builds them (fallback)."""
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron_longvila import cpu_compat
@@ -144,28 +181,23 @@ class Ours:
         model = LongVILAModel(cfg, dtype=dtype, transformer_impl="local")
         if device.type == "cuda":
             model.cuda()  # Megatron puts its layers there; the conv/projector are plain torch
-        self.model = model
-        self.ddp = DistributedDataParallel(
+        ddp = DistributedDataParallel(
             config=model.config,
-            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=grad_fp32),
+            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=grad_fp32,
+                                                     check_for_nan_in_grad=False),
             module=model)
-        self.optimizer = "megatron-core"
         try:
-            if device.type != "cuda":
-                raise RuntimeError("Megatron-Core's bf16 optimizer needs CUDA")
-            self.opt = get_megatron_optimizer(
+            opt = get_megatron_optimizer(
                 OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.0, adam_beta1=0.9,
                                 adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0,
                                 bf16=dtype == torch.bfloat16, params_dtype=dtype,
                                 use_distributed_optimizer=False),
-                [self.ddp])
-            self.fused = fused_adam and _make_fused(self.opt)
-        except Exception as e:  # noqa: BLE001 - CPU smoke, or a GPU surprise: say so in the row
-            self.optimizer = f"fp32-master AdamW fallback ({type(e).__name__}: {str(e)[:80]})"
-            self.opt = MasterAdamW(model.parameters(), lr, fused=device.type == "cuda")
-            self.fused = self.opt.fused
-        self.device = device
-        self.n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                [ddp])
+            name = "megatron-core"
+        except Exception as e:  # noqa: BLE001 - CPU without shims, or a GPU surprise: say so
+            name = f"fp32-master AdamW fallback ({type(e).__name__}: {str(e)[:80]})"
+            opt = MasterAdamW(model.parameters(), lr, fused=device.type == "cuda")
+        return model, ddp, opt, name
 
     def set_recompute(self, mode):
         llm_cfg = self.model.config
@@ -555,7 +587,8 @@ def run(args):
     try:
         if args.impl == "ours":
             runner = Ours(cfg, device, args.dtype, grad_fp32=not args.grad_bf16,
-                          fused_adam=not args.no_fused_adam)
+                          fused_adam=not args.no_fused_adam, model_name=args.model,
+                          use_trainer=not args.no_trainer)
         else:
             runner = HF(cfg, device, args.dtype, attn=args.hf_attn)
     except Exception as e:  # noqa: BLE001
@@ -567,7 +600,7 @@ def run(args):
                                 status=f"build failed: {status}"))
         return
     emit(args.out, dict(kind="model", impl=runner.name, trainable_params=runner.n_params,
-                        fused_adam=runner.fused,
+                        fused_adam=runner.fused, setup=getattr(runner, "setup", "bench"),
                         optimizer=getattr(runner, "optimizer", "torch AdamW")))
     start, last = 0, None
     for L in lengths:  # (b)/(c): each length in the cheapest recompute mode that fits
@@ -611,13 +644,16 @@ def parse(argv=None):
     p.add_argument("--grad-bf16", action="store_true",
                    help="ours: accumulate gradients in bf16 (default fp32 as Megatron-LM)")
     p.add_argument("--no-fused-adam", action="store_true")
+    p.add_argument("--no-trainer", action="store_true",
+                   help="ours: build DDP + optimizer here, not with training.train's builders")
     p.add_argument("--sanity", action="store_true", help="tiny model fwd+bwd + matmul peak")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true",
                    help="CPU-sized: tiny preset, tiny lengths (sets --model tiny)")
     args = p.parse_args(argv)
     args.dtype = torch.bfloat16
-    if args.smoke:
+    if args.smoke:  # Megatron-Core's bf16 optimizer needs CUDA: the CPU smoke trains in fp32
+        args.dtype = torch.float32
         args.model = "tiny"
         args.frames_per_sample, args.text_per_sample = 4, 24
     return args
