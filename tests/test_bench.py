@@ -119,11 +119,13 @@ def test_hf_reference_equals_ours_with_equal_weights(attn):
 def test_attention_table_from_csv(tmp_path):
     p = tmp_path / "attention.csv"
     p.write_text("tokens,docs,method,fwd_ms,fwd_tflops,fwdbwd_ms,fwdbwd_tflops\n"
-                 "8192,1doc,ours varlen (SP=1 path),1,400.0,2,380.0\n"
+                 "8192,1doc,ours (SP=1 path),1,400.0,2,380.0\n"
+                 "8192,1doc,\"ours, flash varlen only\",1,450.0,2,300.0\n"
                  "8192,1doc,sdpa cudnn,1,500.0,2,400.0\n"
                  "8192,1doc,sdpa flash,1,300.0,2,n/a: OutOfMemoryError\n")
     text = "\n".join(run_all.Driver.attention_table(str(p)))
-    assert "0.95 (cudnn)" in text and "0.80 (cudnn)" in text
+    assert "| 0.95 (cudnn) |" in text and "| 0.80 (cudnn) |" in text
+    assert "ours, flash varlen only fwd+bwd" in text and "| 300.0 |" in text
 
 
 def test_driver_smoke(tmp_path, monkeypatch):

@@ -75,10 +75,12 @@ class Driver:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p)
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self.last_lines = lines = []
 
         def pump():
             for line in proc.stdout:
                 self.log.write(line)
+                lines.append(line.rstrip())
                 low = line.lower()
                 if line.startswith("{") or not ("warn" in low or low.startswith("  ")):
                     print("   " + line.rstrip()[:400], flush=True)
@@ -121,7 +123,14 @@ class Driver:
                "--seqlens", a.attn_seqlens]
         if a.smoke:
             cmd += ["--heads", "4", "--kv-heads", "2", "--head-dim", "16"]
+        self.check = None
         if "attention" in a.phases:
+            if not a.smoke:  # kernel exactness against float64 (GPU only), small shapes
+                rc = self.spawn("(a) attention check", [
+                    sys.executable, os.path.join(HERE, "bench_attention.py"), "--out", att_dir,
+                    "--check"], time.time() + 60)
+                self.check = (rc, [x for x in self.last_lines if "rel err" in x or
+                                   "Error" in x][-8:])
             self.spawn("(a) attention", cmd, time.time() + min(a.attn_max_s,
                                                                0.3 * self.remaining()))
         # 2. ours: sanity + peak + (b) + (d)
@@ -174,6 +183,11 @@ class Driver:
                    f"**{peak_tf:.1f} TFLOP/s** (the MFU denominator)" if peak else
                    "matmul peak: not measured (no MFU)")
         out.append("")
+        if getattr(self, "check", None):
+            rc, lines = self.check
+            out += ["## (a) attention kernels against float64 (bench_attention.py --check)", "",
+                    f"exit {rc} ({'passed' if rc == 0 else 'FAILED or not finished'})", ""]
+            out += [f"    {x}" for x in lines] + [""]
         out += self.attention_table(os.path.join(a.out, "attention", "attention.csv"))
         out += self.step_tables(steps)
         if self.skipped:
@@ -205,30 +219,30 @@ class Driver:
                 return float(x)
             except (TypeError, ValueError):
                 return None
+        methods = []
+        for r in rows:
+            if r["method"] not in methods:
+                methods.append(r["method"])
+        main = next((k for k in methods if k.startswith("ours")), None)
         table = []
         for (S, docs), m in sorted(by.items()):
-            ours = next((v for k, v in m.items() if k.startswith("ours")), None)
-            others = {k: v for k, v in m.items() if not k.startswith("ours")}
             row = dict(tokens=S, docs=docs)
             for key, col in (("fwdbwd_tflops", "fb"), ("fwd_tflops", "f")):
-                o = num(ours[key]) if ours else None
-                row[f"ours_{col}"] = ours[key] if ours else "-"
                 best, best_name = None, "-"
-                for k, v in others.items():
+                for k, v in m.items():
                     row[f"{k}_{col}"] = v[key]
                     x = num(v[key])
-                    if x is not None and (best is None or x > best):
+                    if not k.startswith("ours") and x is not None and (best is None or x > best):
                         best, best_name = x, k
+                o = num(m[main][key]) if main in m else None
                 row[f"ratio_{col}"] = (f"{o / best:.2f} ({best_name.replace('sdpa ', '')})"
                                        if o is not None and best else "-")
             table.append(row)
-        methods = sorted({k for m in by.values() for k in m if not k.startswith("ours")})
-        cols = ["tokens", "docs", "ours_fb"] + [f"{k}_fb" for k in methods] + ["ratio_fb",
-                                                                              "ours_f"] + \
+        cols = ["tokens", "docs"] + [f"{k}_fb" for k in methods] + ["ratio_fb"] + \
             [f"{k}_f" for k in methods] + ["ratio_f"]
-        heads = ["tokens", "docs", "ours fwd+bwd"] + [f"{k} fwd+bwd" for k in methods] + \
-            ["ours / best fwd+bwd", "ours fwd"] + [f"{k} fwd" for k in methods] + \
-            ["ours / best fwd"]
+        heads = ["tokens", "docs"] + [f"{k} fwd+bwd" for k in methods] + \
+            [f"{main} / best SDPA, fwd+bwd"] + [f"{k} fwd" for k in methods] + \
+            [f"{main} / best SDPA, fwd"]
         return out + [md_table(table, cols, heads), "",
                       "TFLOP/s count 4*d*heads per attended (causal) pair forward, 2.5x that "
                       "backward (bench_attention.py). SDPA runs document by document on packed "
