@@ -63,7 +63,13 @@ def mmsp_forward(model, tokens, position_ids, frames=None, labels=None, cu_seqle
         if b > a:
             emb = model.encode_frames(frames[a:b]).flatten(0, 1)
         else:
-            emb = emb_weight.new_zeros((0, model.config.hidden_size))
+            # No frame to encode here. The route's backward all-to-all is collective: the empty
+            # input must require grad exactly when the encoding ranks' outputs do (a trainable
+            # vision tower or projector), or this rank would skip it and the others would hang.
+            trains_encoder = any(p.requires_grad for p in model.vision_model.parameters()) or \
+                any(p.requires_grad for p in model.projector.parameters())
+            emb = emb_weight.new_zeros((0, model.config.hidden_size)).requires_grad_(
+                trains_encoder and torch.is_grad_enabled())
         visual = route_visual_embeddings(emb, route, groups.sp_group)
     hidden = model.embed(shard.tokens, visual)
     packed = make_packed_seq_params(layout, groups, device=hidden.device)
