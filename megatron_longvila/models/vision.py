@@ -6,6 +6,7 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import sharded_state_dict_default
 
 from .config import VisionConfig
 from .specs import layer_spec
@@ -35,6 +36,27 @@ class SiglipVisionEncoder(MegatronModule):
             for p in layer.parameters():
                 p.requires_grad_(False)
                 p.unused_by_forward = True
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """Each layer's own (tensor-parallel aware) sharded state dict.
+
+        MegatronModule's default treats the ``nn.ModuleList`` of layers as a plain module whose
+        tensors are replicated over TP, which at TP>1 saves only TP rank 0's shards (and loads
+        them into every rank). Asking each TransformerLayer shards them correctly.
+        """
+        from megatron.core import parallel_state
+        tp_group = getattr(self, "tp_group", None) or parallel_state.get_tensor_model_parallel_group()
+        sd = {}
+        for name, child in self.named_children():
+            if name == "layers":
+                for i, layer in enumerate(child):
+                    sd.update(layer.sharded_state_dict(prefix=f"{prefix}layers.{i}.",
+                                                       sharded_offsets=sharded_offsets,
+                                                       metadata=metadata))
+            else:
+                sd.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets,
+                                                     metadata, tp_group=tp_group))
+        return sd
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         if frames.shape[-1] != self.cfg.image_size or frames.shape[-2] != self.cfg.image_size:
