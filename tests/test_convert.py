@@ -1,0 +1,253 @@
+"""HF (VILA layout) <-> Megatron converters: exact round trips, logit parity, TP=1 and TP=2."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from megatron_longvila import cpu_compat
+from megatron_longvila.conversion.convert import convert_hf_to_megatron, convert_megatron_to_hf
+
+from dist import run_distributed
+from modelutil import hf_modules, init_single_process, packed_batch, tiny_config
+
+
+# ----------------------------------------------------------------------------- fixtures
+def write_tokenizer(folder, vocab_size):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"t{i}": i for i in range(vocab_size - 2)}
+    vocab.update({"<unk>": vocab_size - 2, "<|endoftext|>": vocab_size - 1})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>",
+                            eos_token="<|endoftext|>").save_pretrained(folder)
+
+
+def write_vila(folder, cfg, lm, vt, proj, vision_prefix="vision_model.", head=False,
+               tokenizer=True, num_video_frames=8):
+    """The folder layout VILA's save_pretrained writes (llm/, vision_tower/, mm_projector/)."""
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+    lm.save_pretrained(os.path.join(folder, "llm"))
+    if tokenizer:
+        write_tokenizer(os.path.join(folder, "llm"), cfg.llm.vocab_size)
+    vdir = os.path.join(folder, "vision_tower")
+    os.makedirs(vdir, exist_ok=True)
+    vconf = SiglipVisionConfig(**{k: v for k, v in vt.config.to_dict().items()
+                                  if not k.startswith("_")})
+    sd = dict(vt.state_dict())
+    if head:  # a released so400m tower keeps the MAP pooling head LongVILA does not use
+        vconf.vision_use_head = True
+        with_head = SiglipVisionModel(vconf)
+        sd.update({k: v for k, v in with_head.state_dict().items() if k.startswith("head.")})
+    vconf.architectures = ["SiglipVisionModel"]
+    vconf.save_pretrained(vdir)
+    save_file({vision_prefix + k: v.contiguous() for k, v in sd.items()},
+              os.path.join(vdir, "model.safetensors"), metadata={"format": "pt"})
+    s = cfg.vision.image_size
+    SiglipImageProcessor(size={"height": s, "width": s}, image_mean=[0.5] * 3,
+                         image_std=[0.5] * 3).save_pretrained(vdir)
+    pdir = os.path.join(folder, "mm_projector")
+    os.makedirs(pdir, exist_ok=True)
+    pconf = {"architectures": ["MultimodalProjector"], "mm_projector_type": cfg.projector_type,
+             "model_type": "v2l_projector", "dtype": "float32"}
+    with open(os.path.join(pdir, "config.json"), "w") as f:
+        json.dump(pconf, f)
+    save_file({k: v.contiguous() for k, v in proj.state_dict().items()},
+              os.path.join(pdir, "model.safetensors"), metadata={"format": "pt"})
+    top = {"architectures": ["LlavaLlamaModel"], "model_type": "llava_llama",
+           "llm_cfg": lm.config.to_dict(), "vision_tower_cfg": vconf.to_dict(),
+           "mm_projector_cfg": pconf, "hidden_size": cfg.llm.hidden_size,
+           "mm_hidden_size": cfg.vision.hidden_size,
+           "mm_vision_select_layer": cfg.vision_select_layer,
+           "mm_vision_select_feature": "cls_patch", "num_video_frames": num_video_frames,
+           "image_aspect_ratio": "resize", "mm_use_im_start_end": False,
+           "mm_use_im_patch_token": False, "model_dtype": "torch.float32"}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(top, f)
+    return folder
+
+
+# ----------------------------------------------------------------------------- helpers
+PARTS = ("llm", "vision_tower", "mm_projector")
+SIDE = {"llm": ("tokenizer.json", "tokenizer_config.json", "generation_config.json"),
+        "vision_tower": ("preprocessor_config.json",), "mm_projector": ()}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _megatron():
+    init_single_process()
+
+
+def _json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def assert_same_hf(a, b):
+    """Every tensor bit-identical, same names; configs and side files identical."""
+    assert _json(os.path.join(a, "config.json")) == _json(os.path.join(b, "config.json"))
+    for p in PARTS:
+        ta = load_file(os.path.join(a, p, "model.safetensors"))
+        tb = load_file(os.path.join(b, p, "model.safetensors"))
+        assert sorted(ta) == sorted(tb), p
+        for k in ta:
+            assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), f"{p}: {k}"
+        assert _json(os.path.join(a, p, "config.json")) == _json(os.path.join(b, p, "config.json")), p
+        for f in SIDE[p]:
+            with open(os.path.join(a, p, f), "rb") as fa, open(os.path.join(b, p, f), "rb") as fb:
+                assert fa.read() == fb.read(), f"{p}/{f}"
+
+
+def megatron_logits(cfg, load_dir, batch, seed=5):
+    """A fresh (differently seeded) LongVILAModel loaded from the checkpoint, as the trainer does."""
+    from megatron_longvila.models import LongVILAModel
+    from megatron_longvila.training.checkpointing import load_model_weights
+    cpu_compat.model_parallel_seed(seed)
+    model = LongVILAModel(cfg).eval()
+    load_model_weights(model, load_dir)
+    with torch.no_grad():
+        return model(batch["tokens"], batch["position_ids"], batch["frames"],
+                     cu_seqlens=batch["cu_seqlens"], parallel_output=False)
+
+
+def reference_logits(cfg, lm, vt, proj, batch):
+    from test_model import _hf_reference_logits
+    return _hf_reference_logits(cfg, lm, vt, proj, batch)
+
+
+CASES = {  # family, projector, tied embeddings, vision prefix on disk, SigLIP head present
+    "qwen2-gqa-bias-tied": ("qwen2", "mlp_downsample", True, "vision_model.", True),
+    "llama3-untied": ("llama", "mlp_downsample_2x2_fix", False, "", False),
+    "qwen2-untied": ("qwen2", "mlp2x_gelu", False, "vision_model.", False),
+    "llama3-tied": ("llama", "linear", True, "", True),
+}
+
+
+# ----------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("case", list(CASES))
+def test_round_trip_tp1_exact_with_logit_parity(tmp_path, case):
+    family, projector, tied, prefix, head = CASES[case]
+    cfg = tiny_config(family, projector, tied=tied)
+    lm, vt, proj = hf_modules(cfg, seed=7)
+    hf = write_vila(str(tmp_path / "hf"), cfg, lm, vt, proj, vision_prefix=prefix, head=head)
+    s = convert_hf_to_megatron(str(tmp_path / "meg"), hf_path=hf, tensor_parallel_size=1,
+                               dtype="fp32", in_process=True, progress=False)
+    assert s["extra_tensors"] == (11 if head else 0)
+    with open(tmp_path / "meg" / "latest_checkpointed_iteration.txt") as f:
+        assert f.read().strip() == "release"
+    # The Megatron model (loaded the trainer's way) computes the HF reference's logits.
+    batch = packed_batch(cfg)
+    want = reference_logits(cfg, lm, vt, proj, batch)
+    got = megatron_logits(cfg, str(tmp_path / "meg"), batch)
+    err = (got - want).abs().max().item()
+    assert err < 1e-4, f"max abs logit error {err}"
+    # ... and converts back to the very same tensors and configs.
+    convert_megatron_to_hf(str(tmp_path / "meg"), str(tmp_path / "hf2"), dtype="fp32",
+                           progress=False)
+    assert_same_hf(hf, str(tmp_path / "hf2"))
+
+
+def test_bf16_round_trip_is_exact(tmp_path):
+    cfg = tiny_config("qwen2", tied=False)
+    lm, vt, proj = hf_modules(cfg, seed=3)
+    lm, vt, proj = lm.to(torch.bfloat16), vt.to(torch.bfloat16), proj.to(torch.bfloat16)
+    hf = write_vila(str(tmp_path / "hf"), cfg, lm, vt, proj)
+    convert_hf_to_megatron(str(tmp_path / "meg"), hf_path=hf, dtype="bf16", in_process=True,
+                           progress=False)
+    convert_megatron_to_hf(str(tmp_path / "meg"), str(tmp_path / "hf2"), dtype="bf16",
+                           progress=False)
+    a = load_file(os.path.join(hf, "llm", "model.safetensors"))
+    b = load_file(str(tmp_path / "hf2" / "llm" / "model.safetensors"))
+    assert all(b[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)
+    # HF writes its own dtype into the config ("dtype": "bfloat16"): carried unchanged.
+    assert _json(os.path.join(hf, "llm", "config.json")) == _json(
+        str(tmp_path / "hf2" / "llm" / "config.json"))
+
+
+def _tp_worker(rank, world, cfg_dict, dirs, batch):
+    from megatron.core import parallel_state
+    from megatron_longvila.models import LongVILAModel
+    from megatron_longvila.models.config import LongVILAConfig
+    from megatron_longvila.training.checkpointing import load_model_weights
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
+    cfg = LongVILAConfig.from_dict(cfg_dict)
+    out = []
+    for d in dirs:
+        cpu_compat.model_parallel_seed(11)
+        model = LongVILAModel(cfg).eval()
+        load_model_weights(model, d)
+        with torch.no_grad():
+            out.append(model(batch["tokens"], batch["position_ids"], batch["frames"],
+                             cu_seqlens=batch["cu_seqlens"], parallel_output=False).numpy())
+    return out  # numpy: pickled by value (no shared-memory handles outliving the worker)
+
+
+def test_tensor_parallel_2_conversion(tmp_path):
+    """TP=2 conversion (two processes) -> same logits at TP=2 and TP=1 -> same HF tensors."""
+    cfg = tiny_config("qwen2", "mlp_downsample", tied=False)  # GQA + QKV bias + untied head
+    lm, vt, proj = hf_modules(cfg, seed=9)
+    hf = write_vila(str(tmp_path / "hf"), cfg, lm, vt, proj, head=True)
+    tp2, tp1 = str(tmp_path / "meg_tp2"), str(tmp_path / "meg_tp1")
+    s = convert_hf_to_megatron(tp2, hf_path=hf, tensor_parallel_size=2, dtype="fp32",
+                               progress=False)
+    assert s["tensor_model_parallel_size"] == 2
+    assert sorted(n for n in os.listdir(os.path.join(tp2, "release")) if n.endswith(".distcp")) \
+        == ["__0_0.distcp", "__1_0.distcp"]
+    convert_hf_to_megatron(tp1, hf_path=hf, tensor_parallel_size=1, dtype="fp32",
+                           in_process=True, progress=False)
+    batch = packed_batch(cfg)
+    want = reference_logits(cfg, lm, vt, proj, batch)
+    # Both checkpoints load at TP=2 (the TP=1 one resharded) ...
+    for rank_out in run_distributed(_tp_worker, 2, cfg.to_dict(), [tp2, tp1], batch):
+        for got in rank_out:
+            assert (torch.from_numpy(got) - want).abs().max().item() < 1e-4
+    # ... and the TP=2 one at TP=1.
+    assert (megatron_logits(cfg, tp2, batch) - want).abs().max().item() < 1e-4
+    convert_megatron_to_hf(tp2, str(tmp_path / "hf2"), dtype="fp32", progress=False)
+    assert_same_hf(hf, str(tmp_path / "hf2"))
+
+
+def test_plain_model_folders_and_fresh_configs(tmp_path, capfd):
+    """Stage 1 input: plain Qwen2 + SigLIP folders (no tokenizer, no projector, no prefix)."""
+    from transformers import AutoModelForCausalLM, SiglipVisionModel
+    from megatron_longvila.models import LongVILAModel
+    cfg = tiny_config("qwen2", "mlp_downsample", tied=True)
+    lm, vt, _ = hf_modules(cfg, seed=4)
+    lm.save_pretrained(str(tmp_path / "qwen2"))
+    vt.save_pretrained(str(tmp_path / "siglip"))
+    meg = str(tmp_path / "meg")
+    s = convert_hf_to_megatron(meg, llm_path=str(tmp_path / "qwen2"),
+                               vision_path=str(tmp_path / "siglip"),
+                               projector_type="mlp_downsample", dtype="fp32", seed=21,
+                               in_process=True, progress=False)
+    assert s["projector_initialized"]
+    assert "no tokenizer files" in capfd.readouterr().err
+    # No carried configs for the projector / top level: the VILA files are generated.
+    os.remove(os.path.join(meg, "hf_assets", "llm", "config.json"))
+    out = str(tmp_path / "hf")
+    convert_megatron_to_hf(meg, out, dtype="fp32", num_video_frames=16, progress=False)
+    top = _json(os.path.join(out, "config.json"))
+    for key in ("llm_cfg", "vision_tower_cfg", "mm_projector_cfg"):
+        assert isinstance(top[key], dict)
+    assert top["mm_projector_cfg"]["mm_projector_type"] == "mlp_downsample"
+    assert top["mm_projector_cfg"]["model_type"] == "v2l_projector"
+    assert top["mm_vision_select_layer"] == -2 and top["num_video_frames"] == 16
+    assert top["hidden_size"] == 64 and top["mm_hidden_size"] == 32
+    assert top["llm_cfg"]["architectures"] == ["Qwen2ForCausalLM"]
+    assert os.path.isfile(os.path.join(out, "vision_tower", "preprocessor_config.json"))
+    # transformers reads the written folders back, with the same weights.
+    lm2 = AutoModelForCausalLM.from_pretrained(os.path.join(out, "llm"),
+                                               attn_implementation="eager").eval()
+    vt2 = SiglipVisionModel.from_pretrained(os.path.join(out, "vision_tower"),
+                                            attn_implementation="eager").eval()
+    for a, b in ((lm, lm2), (vt, vt2)):
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    # The fresh projector is the seeded model's, and round trips through HF.
+    cpu_compat.model_parallel_seed(21)
+    fresh = LongVILAModel(cfg).projector.state_dict()
+    ptens = load_file(os.path.join(out, "mm_projector", "model.safetensors"))
+    assert ptens.keys() == fresh.keys() and all(torch.equal(ptens[k], fresh[k]) for k in fresh)
