@@ -1,0 +1,55 @@
+"""Helpers for the CLI tests: run pretrain_longvila.py (python or torchrun) and read metrics."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "pretrain_longvila.py")
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_cli(args, nproc=1, timeout=300, check=True, env=None):
+    """Run the trainer; returns the CompletedProcess (stdout+stderr in .stdout)."""
+    if nproc == 1:
+        cmd = [sys.executable, SCRIPT]
+    else:
+        cmd = [TORCHRUN, "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
+               "--master-port", str(free_port()), SCRIPT]
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    e.pop("RANK", None), e.pop("WORLD_SIZE", None)
+    if env:
+        e.update(env)
+    # own process group, so a hung run (and its ranks and loader workers) is killed whole
+    proc = subprocess.Popen(cmd + [str(a) for a in args], cwd=ROOT, env=e, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"{' '.join(cmd + [str(a) for a in args])} timed out after "
+                             f"{timeout}s:\n{out[-6000:]}")
+    p = subprocess.CompletedProcess(proc.args, proc.returncode, out)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd + [str(a) for a in args])} failed "
+                             f"(rc {p.returncode}):\n{p.stdout[-6000:]}")
+    return p
+
+
+def read_metrics(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def train_records(path):
+    return [r for r in read_metrics(path) if "loss" in r]
