@@ -572,12 +572,16 @@ def run(args):
     if args.smoke:
         torch.set_num_threads(min(2, torch.get_num_threads()))
     init_dist(device)
-    if args.sanity:
-        emit(args.out, env_row(device))
-        emit(args.out, sanity(device))
-        peak = matmul_peak(device)
-        emit(args.out, peak)
-        args.peak_tflops = args.peak_tflops or peak["tflops"]
+    if args.sanity:  # each piece reports its own failure; the steps run regardless
+        for kind, fn in (("env", env_row), ("sanity", sanity), ("peak", matmul_peak)):
+            try:
+                row = fn(device)
+            except Exception as e:  # noqa: BLE001
+                row = dict(kind=kind, status=f"FAILED: {type(e).__name__}: {str(e)[:300]}")
+                free(device)
+            emit(args.out, row)
+            if kind == "peak" and "tflops" in row:
+                args.peak_tflops = args.peak_tflops or row["tflops"]
     lengths = [int(x) for x in args.lengths.split(",") if x]
     ladder = [int(x) for x in args.ladder_lengths.split(",") if x]
     if not lengths and not ladder:

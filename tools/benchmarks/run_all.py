@@ -2,17 +2,19 @@
 """Issue 8 in one call: build, check and time on one GPU, print the tables.
 
     python tools/benchmarks/run_all.py --out $OUT --budget-s 480
-    python tools/benchmarks/run_all.py --out /tmp/b --smoke       # CPU, tiny shapes, < 1 min
+    python tools/benchmarks/run_all.py --out /tmp/b --smoke       # CPU, tiny shapes
 
 Phases, each in its own subprocess (a crash or a stuck kernel loses only that phase), in
 this order, each with a deadline carved out of ``--budget-s``:
 
 0. (in phase 2's worker) environment, the tiny model forward+backward in bf16 on the GPU
    (sanity), and the bf16 matmul rate (8192^3, median of 7 x 20) = the MFU denominator;
-1. (a) core attention at SP=1, causal, 8k/32k/128k tokens, one document and a packed row of
-   6 uneven documents: ``bench_attention.py`` (ours varlen path vs torch SDPA cuDNN / flash);
+1. (a) ``bench_attention.py --check`` (our CUDA attention kernels against float64), then the
+   core attention at SP=1, causal, 8k/32k/128k tokens, one document and a packed row of
+   6 uneven documents: ``bench_attention.py`` (our SP=1 path vs torch SDPA cuDNN / flash);
 2. (b) ours: ``qwen2-1.5b`` + SigLIP-so400m training step at 8k and 32k tokens (cheapest
-   recompute mode that fits), then (d) the full-recompute ladder up to 256k;
+   recompute mode that fits), then (d) the full-recompute ladder up to 256k (one video
+   sample per row), stopping at the first failure;
 3. (c) the Hugging Face reference with SDPA per document, same steps, then its ladder;
 4. (c') the Hugging Face reference with transformers' own packed-row SDPA (block mask), steps.
 
@@ -159,7 +161,7 @@ class Driver:
                 rows = [json.loads(x) for x in f if x.strip()]
         env = next((r for r in rows if r["kind"] == "env"), {})
         sanity = next((r for r in rows if r["kind"] == "sanity"), None)
-        peak = next((r for r in rows if r["kind"] == "peak"), None)
+        peak = next((r for r in rows if r["kind"] == "peak" and "tflops" in r), None)
         peak_tf = peak["tflops"] if peak else None
         steps = [r for r in rows if r["kind"] == "step"]
         for r in steps:
@@ -173,7 +175,9 @@ class Driver:
         out.append(f"budget: {a.budget_s:.0f} s, used {time.time() - self.t0:.0f} s")
         out.append("")
         out.append("## 0. sanity and peak")
-        if sanity:
+        if sanity and "loss" not in sanity:
+            out.append(f"sanity: **{sanity['status']}**")
+        elif sanity:
             out.append(f"tiny model fwd+bwd in bf16 on {env.get('device', '?')}: "
                        f"loss {sanity['loss']:.4f}, {sanity['n_grads']} grads finite: "
                        f"{sanity['grads_finite']} -> **{sanity['status']}**")
