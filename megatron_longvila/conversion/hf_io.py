@@ -147,15 +147,25 @@ _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
 
 
 def _read_header(path: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
-    """Names, shapes and dtypes of a safetensors file from its header (no tensor data read)."""
+    """Names, shapes and dtypes of a safetensors file from its header (no tensor data read);
+    a truncated or malformed file is an error naming it."""
     try:
+        size = os.path.getsize(path)
         with open(path, "rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header larger than the file")
             header = json.loads(f.read(n))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConversionError(f"{path}: not a safetensors file ({e})") from e
-    header.pop("__metadata__", None)
-    return {k: (tuple(v["shape"]), v["dtype"]) for k, v in header.items()}
+        header.pop("__metadata__", None)
+        out, end = {}, 0
+        for k, v in header.items():
+            out[k] = (tuple(v["shape"]), v["dtype"])
+            end = max(end, int(v["data_offsets"][1]))
+    except (OSError, ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as e:
+        raise ConversionError(f"{path}: not a valid safetensors file ({e})") from e
+    if 8 + n + end > size:
+        raise ConversionError(f"{path}: truncated ({size} bytes, the header needs {8 + n + end})")
+    return out
 
 
 # ----------------------------------------------------------------------------- writing
@@ -218,9 +228,9 @@ class StreamingSafetensorsWriter:
 def _rope_theta(d: dict, where: str) -> float:
     rp = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or {}
-    kind = rp.get("rope_type", scaling.get("rope_type", scaling.get("type", "default")))
-    if kind not in (None, "default"):
-        raise ConversionError(f"{where}: rope type {kind!r} is not supported (plain RoPE only)")
+    for kind in (rp.get("rope_type"), scaling.get("rope_type"), scaling.get("type")):
+        if kind not in (None, "default"):
+            raise ConversionError(f"{where}: rope type {kind!r} is not supported (plain RoPE only)")
     theta = rp.get("rope_theta", d.get("rope_theta"))
     if theta is None:
         raise ConversionError(f"{where}: no rope_theta")
@@ -360,9 +370,13 @@ def hf_expected_shapes(part: str, d: dict) -> Dict[str, Tuple[int, ...]]:
     conf_cls = {"Qwen2ForCausalLM": transformers.Qwen2Config,
                 "LlamaForCausalLM": transformers.LlamaConfig,
                 "SiglipVisionModel": transformers.SiglipVisionConfig}[cls_name]
-    conf = conf_cls.from_dict({k: v for k, v in d.items() if not k.startswith("_")})
-    with torch.device("meta"):
-        module = getattr(transformers, cls_name)(conf)
+    try:
+        conf = conf_cls.from_dict({k: v for k, v in d.items() if not k.startswith("_")})
+        with torch.device("meta"):
+            module = getattr(transformers, cls_name)(conf)
+    except Exception as e:  # noqa: BLE001 - transformers' own validation of the config
+        raise ConversionError(f"{part} config: transformers rejects it as {cls_name} "
+                              f"({type(e).__name__}: {e})") from e
     # Tied weights appear under both names in state_dict(); the saved file holds one.
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 
