@@ -34,6 +34,14 @@ def test_tiny_forward_backward_and_freezing():
     valid = batch["labels"] != IGNORE_INDEX
     assert losses.shape == batch["tokens"].shape
     assert torch.all(losses[~valid] == 0) and torch.all(losses[valid] > 0)
+    # The loss path computes logits only on labelled rows: it must equal the cross entropy of
+    # the full logits.
+    with torch.no_grad():
+        logits = model(batch["tokens"], batch["position_ids"], batch["frames"],
+                       cu_seqlens=batch["cu_seqlens"], parallel_output=False)
+        want = torch.nn.functional.cross_entropy(logits[valid].double(),
+                                                 batch["labels"][valid])
+    torch.testing.assert_close(losses[valid].double().mean(), want, rtol=1e-5, atol=1e-6)
     (losses.sum() / valid.sum()).backward()
     for name, p in model.named_parameters():
         if name.startswith("projector."):

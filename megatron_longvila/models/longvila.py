@@ -125,6 +125,10 @@ class LongVILAModel(MegatronModule):
         per-token losses ``[b, s]`` in fp32 (0 where the label is IGNORE_INDEX)."""
         lm = self.language_model
         weight = lm.shared_embedding_or_output_weight() if lm.share_embeddings_and_output_weights else None
+        if labels is not None and not self.config.sequence_parallel:
+            # (under Megatron's sequence parallelism the output layer gathers the sequence
+            # itself, so rows cannot be picked before it; that path computes every row)
+            return self._output_losses_on_labelled(hidden, labels, weight)
         logits, _ = lm.output_layer(hidden, weight=weight)  # [s, b, V/tp]
         if labels is None:
             if not parallel_output:
@@ -135,6 +139,24 @@ class LongVILAModel(MegatronModule):
         losses = tensor_parallel.vocab_parallel_cross_entropy(
             logits.float(), target.masked_fill(~valid, 0).contiguous())
         return (losses * valid).t().contiguous()
+
+    def _output_losses_on_labelled(self, hidden, labels, weight):
+        """Per-token losses computing the output layer only where a label exists.
+
+        In a video row most positions are visual tokens or prompt without a label; their
+        logits (``s x vocab`` in fp32: 20 GB at 32k tokens and a 152k vocabulary) would only be
+        thrown away. One index (a single host sync per micro-batch) picks the labelled rows.
+        """
+        s, b, h = hidden.shape
+        target = labels.t().reshape(-1)
+        idx = (target != IGNORE_INDEX).nonzero().squeeze(1)
+        rows = hidden.reshape(s * b, 1, h).index_select(0, idx)
+        logits, _ = self.language_model.output_layer(rows, weight=weight)  # [n, 1, V/tp]
+        picked = tensor_parallel.vocab_parallel_cross_entropy(
+            logits.float(), target.index_select(0, idx)[:, None].contiguous())
+        losses = torch.zeros(s * b, dtype=picked.dtype, device=picked.device)
+        losses = losses.index_put((idx,), picked[:, 0])
+        return losses.reshape(s, b).t().contiguous()
 
     # ------------------------------------------------------------------ forward
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor,
