@@ -43,9 +43,9 @@ def haystack_frames(rng: np.random.Generator, n: int, size: int) -> np.ndarray:
 
 
 def draw_needle(rng: np.random.Generator, frame: np.ndarray, colour: str) -> np.ndarray:
-    """A copy of ``frame`` with a ``colour`` square of side 1/3..1/2 of the frame."""
+    """A copy of ``frame`` with a ``colour`` square of side 1/2..3/4 of the frame."""
     size = frame.shape[0]
-    side = int(rng.integers(size // 3, size // 2 + 1))
+    side = int(rng.integers(size // 2, 3 * size // 4 + 1))
     y, x = rng.integers(0, size - side + 1, 2)
     out = frame.copy()
     out[y:y + side, x:x + side] = NEEDLE_COLOURS[colour]
