@@ -181,3 +181,36 @@ def test_step_trains(impl):
     b = bench_step.video_batch(cfg, 120, frames_per_sample=3, text_per_sample=20, seed=3)
     losses = [float(runner.step(b)) for _ in range(4)]
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_recompute_modes_switch(monkeypatch):
+    """The runtime switch of recompute modes reaches the blocks that run (ours: Megatron's
+    checkpoint per ViT / LLM layer; HF: gradient checkpointing flags of the layers)."""
+    from megatron.core import tensor_parallel
+    init_single_process()
+    cfg = _cfg()
+    dev = torch.device("cpu")
+    runner = bench_step.Ours(cfg, dev, torch.float32, model_name="tiny")
+    b = bench_step.video_batch(cfg, 60, frames_per_sample=3, text_per_sample=20)
+    calls = []
+    real = tensor_parallel.checkpoint
+    monkeypatch.setattr(tensor_parallel, "checkpoint",
+                        lambda fn, *a, **k: calls.append(1) or real(fn, *a, **k))
+    want = {"none": 0, "vision": cfg.vision_layers_used,
+            "full": cfg.vision_layers_used + cfg.llm.num_layers}
+    for mode, n in want.items():
+        calls.clear()
+        runner.set_recompute(mode)
+        runner.step(b)
+        assert len(calls) == n, (mode, len(calls))
+    hf = bench_step.HF(cfg, dev, torch.float32)
+    for mode in ("none", "vision", "full"):
+        hf.set_recompute(mode)
+        vis = [m.gradient_checkpointing for m in hf.ref.vt.modules()
+               if hasattr(m, "gradient_checkpointing") and isinstance(m, torch.nn.Module)
+               and type(m).__name__.endswith("EncoderLayer")]
+        llm = [m.gradient_checkpointing for m in hf.ref.lm.modules()
+               if type(m).__name__.endswith("DecoderLayer")]
+        assert vis and llm
+        assert all(vis) == (mode != "none") and not any(vis) == (mode == "none")
+        assert all(llm) == (mode == "full") and not any(llm) == (mode != "full")
