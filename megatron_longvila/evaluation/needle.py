@@ -156,6 +156,19 @@ def run_grid(answer_fn: Callable[[List[np.ndarray], Needle], str],
     return results
 
 
+def answer_differences(a: dict, b: dict) -> List[str]:
+    """Cells/needles whose outputs differ between two results dicts (e.g. SP=1 vs SP=2 runs),
+    and cells present in only one of them."""
+    ca = {c["key"]: c for c in a["cells"]}
+    cb = {c["key"]: c for c in b["cells"]}
+    diffs = [f"cell {k} only in one run" for k in sorted(set(ca) ^ set(cb))]
+    for k in sorted(set(ca) & set(cb)):
+        for x, y in zip(ca[k]["answers"], cb[k]["answers"]):
+            if (x["needle"], x["output"]) != (y["needle"], y["output"]):
+                diffs.append(f"cell {k} needle {x['needle']}: {x['output']!r} vs {y['output']!r}")
+    return diffs
+
+
 def plot_heatmap(results: dict, path: str, title: Optional[str] = None):
     """Accuracy heatmap PNG: frames on x, depth on y (0% at the top)."""
     import matplotlib
@@ -194,3 +207,37 @@ def plot_heatmap(results: dict, path: str, title: Optional[str] = None):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def _main(argv=None):
+    """``python -m megatron_longvila.evaluation.needle compare A.json B.json``: exit 1 if the
+    two runs answered differently anywhere."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m megatron_longvila.evaluation.needle")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    c = sub.add_parser("compare", help="same answers in two results files?")
+    c.add_argument("a")
+    c.add_argument("b")
+    h = sub.add_parser("heatmap", help="redraw a results file's heatmap")
+    h.add_argument("results")
+    h.add_argument("png")
+    args = p.parse_args(argv)
+    if args.cmd == "heatmap":
+        with open(args.results) as f:
+            print(plot_heatmap(json.load(f), args.png))
+        return 0
+    with open(args.a) as f:
+        a = json.load(f)
+    with open(args.b) as f:
+        b = json.load(f)
+    diffs = answer_differences(a, b)
+    n = sum(c["total"] for c in a["cells"])
+    if diffs:
+        print(f"{len(diffs)} differences:\n" + "\n".join(diffs[:50]))
+        return 1
+    print(f"same answers: {n} answers in {len(a['cells'])} cells")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_main())
