@@ -128,6 +128,19 @@ def test_attention_table_from_csv(tmp_path):
     assert "ours, flash varlen only fwd+bwd" in text and "| 300.0 |" in text
 
 
+def test_attention_progress_lines_parse():
+    lines = ["tokens   docs  method  fwd_ms  fwd_tflops  fwdbwd_ms  fwdbwd_tflops",
+             "  8192   1doc  ours (SP=1 path)    1.25      440.1       4.50      427.9",
+             "131072  6docs  sdpa flash    n/a      n/a        n/a  n/a: OutOfMemoryError",
+             "some other line"]
+    rows = run_all.parse_attention_lines(lines)
+    assert rows == [
+        dict(tokens="8192", docs="1doc", method="ours (SP=1 path)", fwd_ms="1.25",
+             fwd_tflops="440.1", fwdbwd_ms="4.50", fwdbwd_tflops="427.9"),
+        dict(tokens="131072", docs="6docs", method="sdpa flash", fwd_ms="n/a",
+             fwd_tflops="n/a", fwdbwd_ms="n/a", fwdbwd_tflops="n/a: OutOfMemoryError")]
+
+
 def test_driver_smoke(tmp_path, monkeypatch):
     """The whole driver on the CPU with an injected OOM: lengths above 128 tokens 'OOM'
     unless fully recomputed, above 256 always. Expect the cascade none -> vision -> full at

@@ -43,6 +43,34 @@ def md_table(rows, cols, heads=None):
     return "\n".join(out)
 
 
+ATT_COLS = ["tokens", "docs", "method", "fwd_ms", "fwd_tflops", "fwdbwd_ms", "fwdbwd_tflops"]
+
+
+def parse_attention_lines(lines):
+    """Rows of bench_attention.py's progress lines (``tokens docs method fwd_ms fwd_tflops
+    fwdbwd_ms fwdbwd_tflops``, space aligned; a failed backend ends in ``n/a: Error``)."""
+    rows = []
+    for line in lines:
+        t = line.split()
+        if len(t) < 7 or not t[0].isdigit() or t[1] not in ("1doc", "6docs"):
+            continue
+        if t[-2].endswith(":"):  # "n/a: OutOfMemoryError"
+            t = t[:-2] + [t[-2] + " " + t[-1]]
+        row = dict(zip(ATT_COLS, [t[0], t[1], " ".join(t[2:-4])] + t[-4:]))
+        if not any(r["tokens"] == row["tokens"] and r["docs"] == row["docs"] and
+                   r["method"] == row["method"] for r in rows):  # its final table repeats them
+            rows.append(row)
+    return rows
+
+
+def write_attention_csv(path, rows):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, ATT_COLS)
+        w.writeheader()
+        w.writerows(rows)
+
+
 def _short(s, n=140):
     s = str(s).strip().splitlines()[0] if str(s).strip() else ""
     return (s[:n] + "...") if len(s) > n else s
@@ -135,6 +163,13 @@ class Driver:
                                    "Error" in x][-8:])
             self.spawn("(a) attention", cmd, time.time() + min(a.attn_max_s,
                                                                0.3 * self.remaining()))
+            csv_path = os.path.join(att_dir, "attention.csv")
+            if not os.path.exists(csv_path):  # stopped early: keep the rows it printed
+                rows = parse_attention_lines(self.last_lines)
+                if rows:
+                    write_attention_csv(csv_path, rows)
+                    self.skipped.append(f"(a) attention: stopped early, {len(rows)} rows kept "
+                                        "from its output")
         # 2. ours: sanity + peak + (b) + (d)
         if "ours" in a.phases:
             d = time.time() + 0.45 * self.remaining()
