@@ -37,9 +37,11 @@ def _inputs(h, g, d, seed=0):
     return q, k, v, dout
 
 
-def _rank_fn(rank, world, ring, ring_type, h, g, d):
+def _one_config(rank, world, ring, ring_type, h, g, d):
+    from megatron.core import parallel_state
     from megatron_longvila.parallel.attention import attention_2d
     from megatron_longvila.parallel.groups import initialize_mmsp
+    parallel_state.destroy_model_parallel()
     grp = initialize_mmsp(tp=1, cp=world, ring=ring, num_heads=h, num_kv_heads=g)
     layout = SequenceLayout(CU, ring=grp.ring_size, ulysses=grp.ulysses_size, ring_type=ring_type)
     q, k, v, dout = _inputs(h, g, d)
@@ -55,25 +57,21 @@ def _rank_fn(rank, world, ring, ring_type, h, g, d):
     ql, kl, vl = (x[idx].clone().requires_grad_() for x in (qp, kp, vp))
     out = attention_2d(ql, kl, vl, layout.attention_blocks(grp.ring_rank), d ** -0.5, grp)
     (out * dop[idx]).sum().backward()
-    return idx, out.detach(), ql.grad, kl.grad, vl.grad, layout.orig_to_padded, T
+    import torch.distributed as dist
+    where = (grp.sp_rank, grp.ulysses_rank, grp.ring_rank,
+             dist.get_process_group_ranks(grp.ulysses_group), grp.ring_global_ranks)
+    return idx, out.detach(), ql.grad, kl.grad, vl.grad, layout.orig_to_padded, T, where
 
 
-CASES = [
-    # world, ring, ring_type, heads, kv_heads
-    (2, 1, "zigzag_ring_varlen", 4, 2),   # SP=2 Ulysses
-    (2, 2, "ring_varlen", 4, 2),          # SP=2 ring, contiguous
-    (2, 2, "zigzag_ring_varlen", 4, 1),   # SP=2 ring, zigzag, MQA
-    (4, 2, "zigzag_ring_varlen", 4, 1),   # SP=4 = 2 Ulysses x 2 ring, KV heads replicated
-]
+def _rank_fn(rank, world, configs, d):
+    """Several layouts in one set of processes (Megatron's groups rebuilt for each)."""
+    return [_one_config(rank, world, *c, d) for c in configs]
 
 
-@pytest.mark.parametrize("world,ring,ring_type,h,g", CASES)
-def test_attention_2d_matches_float64_reference(world, ring, ring_type, h, g):
-    d = 8
-    res = run_distributed(_rank_fn, world, ring, ring_type, h, g, d)
+def _compare(res, h, g, d):
     T, o2p = res[0][6], res[0][5]
     full = [torch.zeros((T, hh, d), dtype=torch.float64) for hh in (h, h, g, g)]
-    for idx, *ts, _, _ in res:
+    for idx, *ts, _, _, _ in res:
         for f, t in zip(full, ts):
             f[idx] = t
     q, k, v, dout = (x.clone().requires_grad_() for x in _inputs(h, g, d))
@@ -82,6 +80,28 @@ def test_attention_2d_matches_float64_reference(world, ring, ring_type, h, g):
     for got, want, name in zip(full, (ref.detach(), q.grad, k.grad, v.grad),
                                ("out", "dq", "dk", "dv")):
         torch.testing.assert_close(got[o2p], want, rtol=1e-10, atol=1e-10, msg=name)
+
+
+@pytest.mark.parametrize("world,configs", [
+    # ring, ring_type, heads, kv_heads
+    (2, [(1, "zigzag_ring_varlen", 4, 2),    # SP=2 Ulysses
+         (2, "ring_varlen", 4, 2),           # SP=2 ring, contiguous
+         (2, "zigzag_ring_varlen", 4, 1)]),  # SP=2 ring, zigzag, MQA
+    (4, [(2, "zigzag_ring_varlen", 4, 1),    # SP=4 = 2 Ulysses x 2 ring, KV heads replicated
+         (2, "ring_varlen", 4, 2)]),
+], ids=["sp2", "sp4"])
+def test_attention_2d_matches_float64_reference(world, configs):
+    d = 8
+    runs = run_distributed(_rank_fn, world, configs, d)
+    for i, (ring, _, h, g) in enumerate(configs):
+        _compare([r[i] for r in runs], h, g, d)
+        # the groups are Megatron-Core's hierarchical CP groups: Ulysses = adjacent ranks
+        # (inside a node), ring = ranks `ulysses` apart
+        U = world // ring
+        for rank, r in enumerate(runs):
+            sp, u, rr, ug, rg = r[i][-1]
+            assert (sp, u, rr) == (rank, rank % U, rank // U)
+            assert ug == list(range(rr * U, rr * U + U)) and rg == [u + U * j for j in range(ring)]
 
 
 @pytest.mark.parametrize("causal", [True, False])

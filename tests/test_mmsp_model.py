@@ -11,7 +11,12 @@ from megatron_longvila.models import LongVILAModel
 from modelutil import full_mcore_state_from_hf, hf_modules, packed_batch, tiny_config
 
 
-def _worker(rank, world, tp, cp, ring, ring_type, full_sd, cfg_dict, batch):
+def _worker(rank, world, configs, full_sd, cfg_dict, batch):
+    """Each config ``(tp, cp, ring, ring_type)`` in turn, in one set of processes."""
+    return [_one(rank, world, *c, full_sd, cfg_dict, batch) for c in configs]
+
+
+def _one(rank, world, tp, cp, ring, ring_type, full_sd, cfg_dict, batch):
     import torch.distributed as dist
     from megatron.core import parallel_state
     from megatron_longvila.conversion.tp import gather_full_tensor, load_full_state_dict
@@ -21,6 +26,7 @@ def _worker(rank, world, tp, cp, ring, ring_type, full_sd, cfg_dict, batch):
     from megatron_longvila.parallel.sharding import gather_sequence, sp_loss
 
     cfg = LongVILAConfig.from_dict(cfg_dict)
+    parallel_state.destroy_model_parallel()
     grp = initialize_mmsp(tp=tp, cp=cp, ring=ring, num_heads=cfg.llm.num_attention_heads,
                           num_kv_heads=cfg.llm.num_query_groups)
     cpu_compat.model_parallel_seed(0)
@@ -55,6 +61,14 @@ def _worker(rank, world, tp, cp, ring, ring_type, full_sd, cfg_dict, batch):
     return logits.detach(), loss.detach(), grads, prefill
 
 
+REF = (1, 1, 1, "zigzag_ring_varlen")  # single process (or plain data parallel)
+SP2 = {"sp2-ulysses": (1, 2, 1, "zigzag_ring_varlen"),
+       "sp2-ring": (1, 2, 2, "ring_varlen"),
+       "sp2-zigzag": (1, 2, 2, "zigzag_ring_varlen")}
+SP4 = {"sp4-2ulyssesx2ring": (1, 4, 2, "zigzag_ring_varlen"),
+       "tp2xsp2": (2, 2, 1, "zigzag_ring_varlen")}
+
+
 @pytest.fixture(scope="module")
 def setup():
     cfg = tiny_config("qwen2", "mlp_downsample", tied=False)
@@ -62,32 +76,27 @@ def setup():
     full = full_mcore_state_from_hf(cfg, lm, vt, proj)
     # uneven frames per sample, several sub-sequences, padding segment at the end
     batch = packed_batch(cfg, frames_per_sample=(3, 0, 2, 1), text_lens=(7, 11, 6, 5), pad=3)
-    (ref,) = run_distributed(_worker, 1, 1, 1, 1, "zigzag_ring_varlen", full, cfg.to_dict(), batch)
-    return cfg, full, batch, ref
-
-
-CASES = [
-    # world, tp, cp, ring, ring_type
-    pytest.param(2, 1, 2, 1, "zigzag_ring_varlen", id="sp2-ulysses"),
-    pytest.param(2, 1, 2, 2, "ring_varlen", id="sp2-ring"),
-    pytest.param(2, 1, 2, 2, "zigzag_ring_varlen", id="sp2-zigzag"),
-    pytest.param(4, 1, 4, 2, "zigzag_ring_varlen", id="sp4-2ulyssesx2ring"),
-    pytest.param(4, 2, 2, 1, "zigzag_ring_varlen", id="tp2xsp2"),
-]
-
-
-@pytest.mark.parametrize("world,tp,cp,ring,ring_type", CASES)
-def test_mmsp_matches_single_process(setup, world, tp, cp, ring, ring_type):
-    cfg, full, batch, ref = setup
     assert batch["frames"].shape[0] == 6 and len(batch["cu_seqlens"]) == 6
-    outs = run_distributed(_worker, world, tp, cp, ring, ring_type, full, cfg.to_dict(), batch)
-    for logits, loss, grads, prefill in outs:
+    # 2 processes: the single-process reference (TP=SP=1; the two ranks are plain data-parallel
+    # replicas of it), then the SP=2 layouts; 4 processes: SP=4 and TP=2 x SP=2
+    two = run_distributed(_worker, 2, [REF] + list(SP2.values()), full, cfg.to_dict(), batch)
+    four = run_distributed(_worker, 4, list(SP4.values()), full, cfg.to_dict(), batch)
+    ref = two[0][0]
+    results = {name: [r[1 + i] for r in two] for i, name in enumerate(SP2)}
+    results.update({name: [r[i] for r in four] for i, name in enumerate(SP4)})
+    return batch, ref, results
+
+
+@pytest.mark.parametrize("name", list(SP2) + list(SP4))
+def test_mmsp_matches_single_process(setup, name):
+    batch, ref, results = setup
+    for logits, loss, grads, prefill in results[name]:
         assert logits.shape == ref[0].shape
         torch.testing.assert_close(prefill, ref[0][0, (batch["cu_seqlens"][1:] - 1).long()],
                                    rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(logits, ref[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(loss, ref[1], rtol=1e-6, atol=1e-6)
         assert grads.keys() == ref[2].keys() and len(grads) > 20
-        for name in ref[2]:
-            torch.testing.assert_close(grads[name], ref[2][name], rtol=1e-4, atol=1e-6,
-                                       msg=lambda m, n=name: f"{n}: {m}")
+        for gname in ref[2]:
+            torch.testing.assert_close(grads[gname], ref[2][gname], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m, n=gname: f"{n}: {m}")

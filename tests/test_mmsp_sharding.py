@@ -122,7 +122,7 @@ def _route_and_loss_fn(rank, world, ring):
     return float(loss), weight.grad
 
 
-@pytest.mark.parametrize("world,ring", [(4, 2)])
+@pytest.mark.parametrize("world,ring", [(2, 2)])  # 4-rank routing: simulated above + model tests
 def test_route_and_sp_loss_match_single_process(world, ring):
     res = run_distributed(_route_and_loss_fn, world, ring)
     tokens, labels, pos, cu, F_ = skewed_row([5, 1, 0, 2])
