@@ -6,6 +6,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "pretrain_longvila.py")
@@ -29,14 +30,25 @@ def run_cli(args, nproc=1, timeout=300, check=True, env=None):
     e.pop("RANK", None), e.pop("WORLD_SIZE", None)
     if env:
         e.update(env)
-    # own process group, so a hung run (and its ranks and loader workers) is killed whole
-    proc = subprocess.Popen(cmd + [str(a) for a in args], cwd=ROOT, env=e, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
+    # Own process group: when the run ends (or is SIGKILLed, or hangs) whatever it leaves
+    # behind (ranks, loader workers) is killed with it. Output goes to a file, not a pipe that
+    # an orphaned worker could hold open.
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(cmd + [str(a) for a in args], cwd=ROOT, env=e, stdout=log,
+                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        timed_out = False
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        log.seek(0)
+        out = log.read()
+    if timed_out:
         raise AssertionError(f"{' '.join(cmd + [str(a) for a in args])} timed out after "
                              f"{timeout}s:\n{out[-6000:]}")
     p = subprocess.CompletedProcess(proc.args, proc.returncode, out)
