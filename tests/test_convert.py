@@ -192,7 +192,7 @@ def test_tensor_parallel_2_conversion(tmp_path):
     hf = write_vila(str(tmp_path / "hf"), cfg, lm, vt, proj, head=True)
     tp2, tp1 = str(tmp_path / "meg_tp2"), str(tmp_path / "meg_tp1")
     s = convert_hf_to_megatron(tp2, hf_path=hf, tensor_parallel_size=2, dtype="fp32",
-                               progress=False)
+                               progress=False, build_model=True)
     assert s["tensor_model_parallel_size"] == 2
     assert sorted(n for n in os.listdir(os.path.join(tp2, "release")) if n.endswith(".distcp")) \
         == ["__0_0.distcp", "__1_0.distcp"]
@@ -213,7 +213,6 @@ def test_tensor_parallel_2_conversion(tmp_path):
 def test_plain_model_folders_and_fresh_configs(tmp_path, capfd):
     """Stage 1 input: plain Qwen2 + SigLIP folders (no tokenizer, no projector, no prefix)."""
     from transformers import AutoModelForCausalLM, SiglipVisionModel
-    from megatron_longvila.models import LongVILAModel
     cfg = tiny_config("qwen2", "mlp_downsample", tied=True)
     lm, vt, _ = hf_modules(cfg, seed=4)
     lm.save_pretrained(str(tmp_path / "qwen2"))
@@ -246,8 +245,33 @@ def test_plain_model_folders_and_fresh_configs(tmp_path, capfd):
     for a, b in ((lm, lm2), (vt, vt2)):
         sa, sb = a.state_dict(), b.state_dict()
         assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    # The fresh projector is the seeded model's, and round trips through HF.
-    cpu_compat.model_parallel_seed(21)
-    fresh = LongVILAModel(cfg).projector.state_dict()
+    # The fresh projector is VILA's module with its default init under the seed.
+    from megatron_longvila.models.projector import MultimodalProjector
+    torch.manual_seed(21)
+    fresh = MultimodalProjector("mlp_downsample", 32, 64).state_dict()
     ptens = load_file(os.path.join(out, "mm_projector", "model.safetensors"))
     assert ptens.keys() == fresh.keys() and all(torch.equal(ptens[k], fresh[k]) for k in fresh)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_streaming_writer_equals_megatron_save(tmp_path, tied):
+    """The streaming writer's checkpoint loads to exactly what Megatron-Core's save gives."""
+    from megatron_longvila.models import LongVILAModel
+    from megatron_longvila.training.checkpointing import load_model_weights
+    cfg = tiny_config("llama", "mlp_downsample", tied=tied)
+    lm, vt, proj = hf_modules(cfg, seed=13)
+    hf = write_vila(str(tmp_path / "hf"), cfg, lm, vt, proj)
+    states = []
+    for build in (False, True):
+        d = str(tmp_path / f"meg{int(build)}")
+        s = convert_hf_to_megatron(d, hf_path=hf, dtype="bf16", in_process=True, progress=False,
+                                   build_model=build)
+        assert s["writer"] == ("megatron-core save (model built)" if build else "streaming")
+        cpu_compat.model_parallel_seed(100 + build)  # different init: everything must load
+        model = LongVILAModel(cfg, dtype=torch.bfloat16)
+        load_model_weights(model, d)
+        states.append({k: v.clone() for k, v in model.state_dict().items()
+                       if not k.endswith("_extra_state")})
+    assert states[0].keys() == states[1].keys() and len(states[0]) > 50
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k

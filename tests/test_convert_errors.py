@@ -140,17 +140,21 @@ def test_tp_size_must_divide(tmp_path, vila):
     _nothing_left(tmp_path)
 
 
-def test_failure_while_saving_leaves_nothing(tmp_path, vila, monkeypatch):
-    from megatron_longvila.training import checkpointing
+@pytest.mark.parametrize("build_model", [False, True])
+def test_failure_while_writing_leaves_nothing(tmp_path, vila, monkeypatch, build_model):
+    """A read error after part of the checkpoint is written: no partial output remains."""
+    from megatron_longvila.conversion.hf_io import SafetensorsFolder
+    real_get, calls = SafetensorsFolder.get, []
 
-    def broken_save(model, save_dir, **kw):
-        os.makedirs(os.path.join(save_dir, "release"))
-        with open(os.path.join(save_dir, "release", "half_written"), "w") as f:
-            f.write("x")
-        raise OSError("disk full")
-    monkeypatch.setattr(checkpointing, "save_model_checkpoint", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        _convert(tmp_path, vila)
+    def failing_get(self, name):
+        calls.append(name)
+        if len(calls) == 30:
+            raise OSError(f"I/O error reading {name}")
+        return real_get(self, name)
+    monkeypatch.setattr(SafetensorsFolder, "get", failing_get)
+    with pytest.raises(OSError, match="I/O error reading"):
+        _convert(tmp_path, vila, build_model=build_model)
+    assert len(calls) == 30
     _nothing_left(tmp_path)
 
 

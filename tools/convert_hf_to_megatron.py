@@ -14,10 +14,12 @@ Output: SAVE/latest_checkpointed_iteration.txt ("release"), SAVE/release/ (the d
 checkpoint), SAVE/longvila_config.json, SAVE/hf_assets/ (HF configs, tokenizer and image
 processor files, HF tensors LongVILAModel does not use; for convert_megatron_to_hf.py).
 
-The dist checkpoint stores tensors in full (model) coordinates: it loads at any tensor
-parallel size; --tensor-model-parallel-size sets how many processes shard and write it.
-Memory: HF tensors are read one at a time; the Megatron model is held once, split over the
-TP processes (plus one full tensor). Bad input (missing file, tensor or key; shape or
+The dist checkpoint stores tensors in full (model) coordinates, so it loads at any tensor
+parallel size (Megatron-Core reshards on load); --tensor-model-parallel-size is checked against
+the shapes (heads, groups, vocab, ffn must divide). Memory: by default one process streams
+one tensor at a time (read HF tensor(s) -> map -> write), so peak memory is about the largest
+tensor, not the model. --build-model instead builds the TP-sharded model in N processes and
+saves it with Megatron-Core's own save (the model is held once, spread over the processes). Bad input (missing file, tensor or key; shape or
 architecture mismatch) stops with an error naming it, before anything is written, and no
 partial output is left behind (exit code 2).
 """
@@ -47,6 +49,10 @@ def main(argv=None):
                    dest="tensor_model_parallel_size")
     p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default="bf16",
                    help="dtype of the Megatron weights (default bf16)")
+    p.add_argument("--build-model", action="store_true",
+                   help="build the TP-sharded model in --tensor-model-parallel-size processes and "
+                        "save it with Megatron-Core's dist_checkpointing.save (memory: the whole "
+                        "model, spread over the processes) instead of the streaming writer")
     p.add_argument("--seed", type=int, default=1234, help="seed of a freshly initialised projector")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --save")
     p.add_argument("--no-progress", action="store_true")
@@ -63,7 +69,8 @@ def main(argv=None):
             tensor_parallel_size=args.tensor_model_parallel_size, dtype=args.dtype,
             projector_type=args.projector_type, vision_select_layer=args.vision_select_layer,
             seed=args.seed, overwrite=args.overwrite,
-            in_process=args.tensor_model_parallel_size == 1, progress=not args.no_progress)
+            in_process=args.tensor_model_parallel_size == 1, progress=not args.no_progress,
+            build_model=args.build_model)
     except ConversionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -369,6 +369,11 @@ def _hf_to_mcore_worker(rank, world, spec, cfg_dict, dtype_name, out_dir, seed, 
                 del full, shard
                 bar.update(1)
         bar.close()
+        if "mm_projector" not in readers:
+            with torch.no_grad():
+                for k, v in fresh_projector_state(cfg, seed).items():
+                    params["projector." + k].data.copy_(v.to(dtype))
+                    filled.add("projector." + k)
         not_filled = [n for n in params if n not in filled]
         if any(not n.startswith("projector.") for n in not_filled):
             raise ConversionError(f"parameters with no HF source: {not_filled[:5]}")
@@ -463,8 +468,15 @@ def convert_hf_to_megatron(save: str, hf_path: Optional[str] = None, llm_path: O
                            dtype: str = "bf16", projector_type: Optional[str] = None,
                            vision_select_layer: Optional[int] = None, seed: int = 1234,
                            overwrite: bool = False, in_process: bool = False,
-                           progress: bool = True) -> dict:
-    """Convert; returns a summary dict. On any error nothing is left at ``save``."""
+                           progress: bool = True, build_model: bool = False) -> dict:
+    """Convert; returns a summary dict. On any error nothing is left at ``save``.
+
+    Default: the streaming writer (:mod:`.dist_writer`), one process, one tensor in memory at
+    a time; the checkpoint holds full tensors and loads at any TP size (the TP size is only
+    checked against the shapes). ``build_model``: instead build the TP-sharded LongVILAModel
+    in ``tensor_parallel_size`` processes and save it with Megatron-Core's own
+    ``dist_checkpointing.save`` (memory: the model once, spread over the processes).
+    """
     t0 = time.time()
     hf_io.parse_dtype(dtype)
     if tensor_parallel_size < 1:
@@ -482,8 +494,11 @@ def convert_hf_to_megatron(save: str, hf_path: Optional[str] = None, llm_path: O
     extras = check_hf_tensors(src)
     tmp = _prepare_output(save, overwrite)
     try:
-        results = run_ranks(_hf_to_mcore_worker, tp, src.spec(), cfg.to_dict(), dtype, tmp,
-                            seed, progress, in_process=in_process and tp == 1)
+        if build_model:
+            results = run_ranks(_hf_to_mcore_worker, tp, src.spec(), cfg.to_dict(), dtype, tmp,
+                                seed, progress, in_process=in_process and tp == 1)
+        else:
+            results = [_stream_to_megatron(src, dtype, tmp, seed, progress, tp)]
         # What the Megatron checkpoint has no place for, for the way back.
         assets = os.path.join(tmp, ASSETS)
         os.makedirs(assets)
@@ -527,6 +542,7 @@ def convert_hf_to_megatron(save: str, hf_path: Optional[str] = None, llm_path: O
     n_tensors = sum(len(rules) for _m, part, rules, _h, _g in
                     model_rules(cfg, vision_hf_prefix=src.vision_hf_prefix) if part in src.readers)
     summary = {"direction": "hf_to_megatron", "tensors": n_tensors,
+               "writer": "megatron-core save (model built)" if build_model else "streaming",
                "hf_tensors_read": sum(len(r.keys()) for r in src.readers.values()),
                "extra_tensors": sum(len(v) for v in extras.values()),
                "read_bytes": results[0]["read_bytes"] + extra_bytes,
@@ -536,6 +552,36 @@ def convert_hf_to_megatron(save: str, hf_path: Optional[str] = None, llm_path: O
                "peak_rss_bytes": max([peak_rss_bytes()] + [r["peak_rss"] for r in results]),
                "save": os.path.abspath(save)}
     return summary
+
+
+def fresh_projector_state(cfg: LongVILAConfig, seed: int) -> Dict[str, torch.Tensor]:
+    """The projector a source without one starts from: VILA's module, default init, seeded."""
+    from ..models.projector import MultimodalProjector
+    state = torch.get_rng_state()
+    torch.manual_seed(seed)
+    proj = MultimodalProjector(cfg.projector_type, cfg.vision.hidden_size, cfg.llm.hidden_size)
+    torch.set_rng_state(state)
+    return {k: v.detach() for k, v in proj.state_dict().items()}
+
+
+def _stream_to_megatron(src: HFSource, dtype: str, out_dir: str, seed: int, progress: bool,
+                        tp: int) -> dict:
+    from .dist_writer import save_release_streaming
+    _init_dist_single()
+    created = _ensure_model_parallel(1)
+    try:
+        shapes = {p: r.shape for p, r in src.readers.items()}
+        fresh = None if "mm_projector" in src.readers else fresh_projector_state(src.cfg, seed)
+        counts = save_release_streaming(src.cfg, src.getters(), shapes, hf_io.parse_dtype(dtype),
+                                        out_dir, vision_hf_prefix=src.vision_hf_prefix,
+                                        fresh_projector=fresh, progress=progress,
+                                        tensor_parallel_size=tp)
+    finally:
+        if created:
+            from megatron.core import parallel_state
+            parallel_state.destroy_model_parallel()
+    counts["peak_rss"] = peak_rss_bytes()
+    return counts
 
 
 # ============================================================================ Megatron -> HF
@@ -550,7 +596,7 @@ def _twin_config(cfg: LongVILAConfig) -> LongVILAConfig:
     return dataclasses.replace(cfg, llm=llm, vision=vis)
 
 
-def sharded_key_index(cfg: LongVILAConfig) -> Dict[str, Tuple[str, int, Optional[int]]]:
+def sharded_key_index(cfg: LongVILAConfig, return_state_dict: bool = False):
     """Megatron parameter name -> (dist-checkpoint key, prepended axes, layer index).
 
     Read off the sharded state dict of a tiny model of the same structure (so keys such as
@@ -563,21 +609,34 @@ def sharded_key_index(cfg: LongVILAConfig) -> Dict[str, Tuple[str, int, Optional
     from megatron_longvila.models import LongVILAModel
     from megatron_longvila.training.checkpointing import _sharded_metadata
 
+    state = torch.get_rng_state()
     cpu_compat.model_parallel_seed(0)
     twin = LongVILAModel(_twin_config(cfg))
-    by_ptr = {p.data_ptr(): n for n, p in twin.named_parameters()}
+    torch.set_rng_state(state)
+    params = dict(twin.named_parameters())
+    by_ptr = {}
+    for n, p in params.items():
+        by_ptr.setdefault(p.data_ptr(), []).append(n)
+    sd = twin.sharded_state_dict(metadata=_sharded_metadata())
     index = {}
-    for v in nested_values(twin.sharded_state_dict(metadata=_sharded_metadata())):
-        if isinstance(v, (ShardedTensor, ShardedTensorFactory)) and v.data is not None:
-            name = by_ptr.get(v.data.data_ptr())
-            if name is None:
-                continue
-            if isinstance(v, ShardedTensorFactory):
-                index[name] = (v.key, None, None)
-                continue
+    for v in nested_values(sd):
+        if not isinstance(v, (ShardedTensor, ShardedTensorFactory)) or v.data is None:
+            continue
+        names = by_ptr.get(v.data.data_ptr(), [])
+        if len(names) != 1:
+            continue
+        name = names[0]
+        if isinstance(v, ShardedTensorFactory):
+            entry = (v.key, None, None)
+        else:
             pre = v.prepend_axis_num
-            layer = v.global_offset[0] if pre else None
-            index[name] = (v.key, pre, layer)
+            entry = (v.key, pre, v.global_offset[0] if pre else None)
+        if name in index and index[name] != entry:
+            # The same tensor under two keys (e.g. a tied output layer): keep the one
+            # named after the parameter itself.
+            if not entry[0].endswith(name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1]):
+                continue
+        index[name] = entry
     # Factories (the fused SwiGLU fc1): stacked like their siblings in the same block.
     for name, (key, pre, layer) in list(index.items()):
         if pre is None:
@@ -586,10 +645,10 @@ def sharded_key_index(cfg: LongVILAConfig) -> Dict[str, Tuple[str, int, Optional
             if not sib:
                 raise RuntimeError(f"cannot place the sharded factory of {name}")
             index[name] = (key, sib[0][1], sib[0][2])
-    missing = [n for n in by_ptr.values() if n not in index]
+    missing = [n for n in params if n not in index]
     if missing:
         raise RuntimeError(f"no dist-checkpoint key for {missing[:5]}")
-    return index
+    return (index, sd) if return_state_dict else index
 
 
 class MegatronReader:
@@ -849,7 +908,7 @@ class _ExtraReader(SafetensorsFolder):
         self.file_of = None
         self._single = path
         self._handles = {}
-        self._meta = hf_io._read_header(path)
+        self._meta = {k: v[:2] + (path,) + v[2:] for k, v in hf_io._read_header(path).items()}
 
 
 def _write_image_processor(cfg: LongVILAConfig, folder: str):

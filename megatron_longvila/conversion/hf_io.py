@@ -26,7 +26,6 @@ import struct
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
-from safetensors import safe_open
 
 from ..models.config import LanguageModelConfig, LongVILAConfig, VisionConfig
 
@@ -98,13 +97,13 @@ class SafetensorsFolder:
                                       "convert them to safetensors first (they are not unpickled here)")
             raise ConversionError(f"missing file {single} (no safetensors weights in {folder})")
         self._handles: Dict[str, object] = {}
-        self._meta: Dict[str, Tuple[Tuple[int, ...], str]] = {}
+        self._meta: Dict[str, Tuple[Tuple[int, ...], str, str, int, int]] = {}
         files = [self._single] if self.file_of is None else sorted(set(self.file_of.values()))
         for f in files:
-            for name, (shape, dt) in _read_header(f).items():
+            for name, (shape, dt, a, b) in _read_header(f).items():
                 if self.file_of is not None and self.file_of.get(name) != f:
                     continue  # the index is authoritative
-                self._meta[name] = (shape, dt)
+                self._meta[name] = (shape, dt, f, a, b)
         if self.file_of is not None:
             for k, f in self.file_of.items():
                 if k not in self._meta:
@@ -123,32 +122,47 @@ class SafetensorsFolder:
         return self._meta[name][1]
 
     def nbytes(self, name) -> int:
-        shape, dt = self._meta[name]
+        shape, dt = self._meta[name][:2]
         n = 1
         for s in shape:
             n *= s
         return n * _ST_ITEMSIZE[dt]
 
     def get(self, name: str) -> torch.Tensor:
+        """One tensor, read with plain file reads (not mmap: mapped pages of a big file would
+        stay resident and count against the process), so memory holds just this tensor."""
         if name not in self._meta:
             raise KeyError(f"{self.folder}: missing tensor {name}")
-        f = self._single if self.file_of is None else self.file_of[name]
-        h = self._handles.get(f)
+        shape, dt, path, a, b = self._meta[name]
+        if dt not in _FROM_ST_NAME:
+            raise ConversionError(f"{path}: tensor {name} has unsupported dtype {dt}")
+        h = self._handles.get(path)
         if h is None:
-            h = self._handles[f] = safe_open(f, framework="pt")
-        return h.get_tensor(name)
+            h = self._handles[path] = open(path, "rb")
+        buf = bytearray(b - a)
+        h.seek(a)
+        if h.readinto(buf) != len(buf):
+            raise ConversionError(f"{path}: truncated data of tensor {name}")
+        if not buf:
+            return torch.empty(shape, dtype=_FROM_ST_NAME[dt])
+        return torch.frombuffer(buf, dtype=_FROM_ST_NAME[dt]).reshape(shape)
 
     def close(self):
+        for h in self._handles.values():
+            h.close()
         self._handles.clear()
 
 
+_FROM_ST_NAME = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                 "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
+                 "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 _ST_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
                 "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
-def _read_header(path: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
-    """Names, shapes and dtypes of a safetensors file from its header (no tensor data read);
-    a truncated or malformed file is an error naming it."""
+def _read_header(path: str) -> Dict[str, Tuple[Tuple[int, ...], str, int, int]]:
+    """Name -> (shape, dtype, first byte, end byte) of a safetensors file, from its header (no
+    tensor data read); a truncated or malformed file is an error naming it."""
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
@@ -159,8 +173,9 @@ def _read_header(path: str) -> Dict[str, Tuple[Tuple[int, ...], str]]:
         header.pop("__metadata__", None)
         out, end = {}, 0
         for k, v in header.items():
-            out[k] = (tuple(v["shape"]), v["dtype"])
-            end = max(end, int(v["data_offsets"][1]))
+            a, b = (int(x) for x in v["data_offsets"])
+            out[k] = (tuple(v["shape"]), v["dtype"], 8 + n + a, 8 + n + b)
+            end = max(end, b)
     except (OSError, ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as e:
         raise ConversionError(f"{path}: not a valid safetensors file ({e})") from e
     if 8 + n + end > size:
