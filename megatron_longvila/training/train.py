@@ -214,7 +214,6 @@ class _BatchFeed:
 
     def __next__(self):
         b = next(self.loader)
-        if os.environ.get("LV_DEBUG"): print("DBG", dist.get_rank(), b.get("sample_keys"), tuple(b["frames"].shape), flush=True)
         self.samples += int(b["num_samples"])
         self.tokens += int(b["tokens"].numel())
         self.label_tokens += int((b["labels"] != IGNORE_INDEX).sum())

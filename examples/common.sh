@@ -1,0 +1,42 @@
+# Shared by the five stage scripts (sourced, not run).
+#
+# Environment (all optional):
+#   MODEL      tiny (default; CPU) | qwen2-1.5b | qwen2-7b | llama3-8b
+#   NPROC      processes on this node (default 1); multi-node: set LAUNCHER to your torchrun line
+#   LAUNCHER   e.g. "torchrun --nnodes 8 --nproc-per-node 8 --rdzv-endpoint HOST:PORT"
+#   DATA       WebDataset shard directories (Megatron-style weights allowed); default: synthetic
+#   TOKENIZER  HF tokenizer directory (required for real models with DATA)
+#   LOAD       checkpoint to start from (the previous stage's SAVE, or a converted HF model);
+#              loaded as weights only (--finetune). If SAVE already holds a checkpoint of this
+#              stage, the run resumes from it instead.
+#   SAVE       output directory (default runs/<stage>)
+#   TRAIN_ITERS, PYTHON
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+MODEL=${MODEL:-tiny}
+NPROC=${NPROC:-1}
+PY=${PYTHON:-python}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+
+longvila_run() {  # longvila_run STAGE SAVE_DEFAULT ARGS...
+  local stage=$1 save=${SAVE:-$2}; shift 2
+  local -a args=(--model "$MODEL" --stage "$stage" --save "$save")
+  [[ -n "${DATA:-}" ]] && args+=(--data-path $DATA)
+  [[ -n "${TOKENIZER:-}" ]] && args+=(--tokenizer-model "$TOKENIZER")
+  if [[ -f "$save/latest_checkpointed_iteration.txt" ]]; then
+    args+=(--load "$save")                       # resume this stage exactly
+  elif [[ -n "${LOAD:-}" ]]; then
+    args+=(--load "$LOAD" --finetune)            # weights of the previous stage
+  fi
+  [[ "$MODEL" != tiny ]] && args+=(--bf16 --use-distributed-optimizer --transformer-impl auto)
+  local -a launch
+  if [[ -n "${LAUNCHER:-}" ]]; then
+    read -r -a launch <<< "$LAUNCHER"
+  elif [[ "$NPROC" == 1 ]]; then
+    launch=("$PY")
+  else
+    launch=("$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC")
+  fi
+  echo "+ ${launch[*]} pretrain_longvila.py ${args[*]} $*"
+  "${launch[@]}" pretrain_longvila.py "${args[@]}" "$@"
+}
