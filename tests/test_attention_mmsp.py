@@ -27,24 +27,28 @@ def reference(q, k, v, cu, causal=True, scale=None):
     return torch.einsum("hqk,khd->qhd", s.softmax(-1), vv)
 
 
-def _inputs(h, g, d, seed=0):
+def _inputs(h, g, d, seed=0, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
     S = CU[-1]
     q = torch.randn(S, h, d, generator=gen, dtype=torch.float64)
     k = torch.randn(S, g, d, generator=gen, dtype=torch.float64)
     v = torch.randn(S, g, d, generator=gen, dtype=torch.float64)
     dout = torch.randn(S, h, d, generator=gen, dtype=torch.float64)
-    return q, k, v, dout
+    return tuple(x.to(dtype) for x in (q, k, v, dout))
 
 
-def _one_config(rank, world, ring, ring_type, h, g, d):
+# float64 runs the exact math path (tolerance 1e-10); float32 runs torch's CPU flash kernel
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+
+
+def _one_config(rank, world, ring, ring_type, h, g, d, dtype=torch.float64):
     from megatron.core import parallel_state
     from megatron_longvila.parallel.attention import attention_2d
     from megatron_longvila.parallel.groups import initialize_mmsp
     parallel_state.destroy_model_parallel()
     grp = initialize_mmsp(tp=1, cp=world, ring=ring, num_heads=h, num_kv_heads=g)
     layout = SequenceLayout(CU, ring=grp.ring_size, ulysses=grp.ulysses_size, ring_type=ring_type)
-    q, k, v, dout = _inputs(h, g, d)
+    q, k, v, dout = _inputs(h, g, d, dtype=dtype)
     T = layout.padded_len
     pad = lambda x, fill: torch.full((T,) + x.shape[1:], fill, dtype=x.dtype).index_copy(  # noqa
         0, layout.orig_to_padded, x)
@@ -65,12 +69,12 @@ def _one_config(rank, world, ring, ring_type, h, g, d):
 
 def _rank_fn(rank, world, configs, d):
     """Several layouts in one set of processes (Megatron's groups rebuilt for each)."""
-    return [_one_config(rank, world, *c, d) for c in configs]
+    return [_one_config(rank, world, *c[:4], d, *c[4:]) for c in configs]
 
 
-def _compare(res, h, g, d):
+def _compare(res, h, g, d, dtype=torch.float64):
     T, o2p = res[0][6], res[0][5]
-    full = [torch.zeros((T, hh, d), dtype=torch.float64) for hh in (h, h, g, g)]
+    full = [torch.zeros((T, hh, d), dtype=dtype) for hh in (h, h, g, g)]
     for idx, *ts, _, _, _ in res:
         for f, t in zip(full, ts):
             f[idx] = t
@@ -79,22 +83,26 @@ def _compare(res, h, g, d):
     (ref * dout).sum().backward()
     for got, want, name in zip(full, (ref.detach(), q.grad, k.grad, v.grad),
                                ("out", "dq", "dk", "dv")):
-        torch.testing.assert_close(got[o2p], want, rtol=1e-10, atol=1e-10, msg=name)
+        assert got.dtype == dtype
+        torch.testing.assert_close(got[o2p].double(), want, rtol=TOL[dtype], atol=TOL[dtype],
+                                   msg=name)
 
 
 @pytest.mark.parametrize("world,configs", [
     # ring, ring_type, heads, kv_heads
     (2, [(1, "zigzag_ring_varlen", 4, 2),    # SP=2 Ulysses
          (2, "ring_varlen", 4, 2),           # SP=2 ring, contiguous
-         (2, "zigzag_ring_varlen", 4, 1)]),  # SP=2 ring, zigzag, MQA
+         (2, "zigzag_ring_varlen", 4, 1),    # SP=2 ring, zigzag, MQA
+         (2, "zigzag_ring_varlen", 4, 2, torch.float32)]),  # CPU flash kernel
     (4, [(2, "zigzag_ring_varlen", 4, 1),    # SP=4 = 2 Ulysses x 2 ring, KV heads replicated
-         (2, "ring_varlen", 4, 2)]),
+         (2, "ring_varlen", 4, 2),
+         (2, "zigzag_ring_varlen", 4, 2, torch.float32)]),
 ], ids=["sp2", "sp4"])
 def test_attention_2d_matches_float64_reference(world, configs):
     d = 8
     runs = run_distributed(_rank_fn, world, configs, d)
-    for i, (ring, _, h, g) in enumerate(configs):
-        _compare([r[i] for r in runs], h, g, d)
+    for i, (ring, _, h, g, *dt) in enumerate(configs):
+        _compare([r[i] for r in runs], h, g, d, *dt)
         # the groups are Megatron-Core's hierarchical CP groups: Ulysses = adjacent ranks
         # (inside a node), ring = ranks `ulysses` apart
         U = world // ring
@@ -104,17 +112,19 @@ def test_attention_2d_matches_float64_reference(world, configs):
             assert ug == list(range(rr * U, rr * U + U)) and rg == [u + U * j for j in range(ring)]
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("causal", [True, False])
-def test_varlen_attention_single_rank(causal):
-    q, k, v, dout = (x.clone().requires_grad_() for x in _inputs(4, 2, 8, seed=3))
+def test_varlen_attention_single_rank(causal, dtype):
+    q, k, v, dout = (x.clone().requires_grad_() for x in _inputs(4, 2, 8, seed=3, dtype=dtype))
     out = varlen_attention(q, k, v, torch.tensor(CU), causal, 8 ** -0.5)
     (out * dout).sum().backward()
     got = [out.detach(), q.grad, k.grad, v.grad]
-    q2, k2, v2 = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    q2, k2, v2 = (x.detach().double().requires_grad_() for x in (q, k, v))
     ref = reference(q2, k2, v2, CU, causal)
-    (ref * dout).sum().backward()
+    (ref * dout.double()).sum().backward()
     for a, b in zip(got, [ref.detach(), q2.grad, k2.grad, v2.grad]):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), b, rtol=TOL[dtype], atol=TOL[dtype])
 
 
 @pytest.mark.parametrize("ring_type", ["ring_varlen", "zigzag_ring_varlen"])

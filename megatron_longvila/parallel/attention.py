@@ -20,8 +20,9 @@ query and key tokens go to cuDNN's dense SDPA kernel
 rest to one varlen flash call (``aten._flash_attention_forward`` with cu_seqlens); both
 backwards take the *final* output and log-sum-exp, which makes per-block gradients exact
 (so forward and backward may pick different kernels for a segment).
-Elsewhere an exact math path (float32, or float64 for float64 inputs).
-``MMSP_ATTENTION_BACKEND=math|cuda`` forces a path; ``MMSP_CUDNN_MIN_LEN=0`` disables
+On the CPU (float32 / bfloat16) torch's CPU flash kernel
+(``aten._scaled_dot_product_flash_attention_for_cpu``, returns the log-sum-exp) per segment;
+otherwise (float64, or forced) an exact math path. ``MMSP_ATTENTION_BACKEND=math|cuda|cpu_flash`` forces a path; ``MMSP_CUDNN_MIN_LEN=0`` disables
 cuDNN. (The flash-attn package is not used: torch's own flash kernel is the same kernel.)
 """
 
@@ -42,6 +43,9 @@ def _backend(x: torch.Tensor) -> str:
         return forced
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
         return "cuda"
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        # (not float64: torch 2.13's CPU flash backward gets dq wrong for causal float64)
+        return "cpu_flash"
     return "math"
 
 
@@ -57,8 +61,11 @@ def block_forward(q, k, v, blk: VarlenBlock, scale: float):
     Returns ``out [Lq,h,d]`` (accumulation dtype, zero on uncovered rows) and
     ``lse [h,Lq]`` (``-inf`` on uncovered rows).
     """
-    if _backend(q) == "cuda":
+    backend = _backend(q)
+    if backend == "cuda":
         return _cuda_block_forward(q, k, v, blk, scale)
+    if backend == "cpu_flash":
+        return _cpu_flash_block_forward(q, k, v, blk, scale)
     Lq, h, d = q.shape
     g = k.shape[1]
     rep = h // g
@@ -82,8 +89,11 @@ def block_forward(q, k, v, blk: VarlenBlock, scale: float):
 def block_backward(dout, q, k, v, out, lse, delta, blk: VarlenBlock, scale: float):
     """Gradients of one block given the *final* ``out``, ``lse [h,Lq]`` and
     ``delta = rowsum(dout * out) [h,Lq]``. Returns ``dq, dk, dv`` (accumulation dtype)."""
-    if _backend(q) == "cuda":
+    backend = _backend(q)
+    if backend == "cuda":
         return _cuda_block_backward(dout, q, k, v, out, lse, blk, scale)
+    if backend == "cpu_flash":
+        return _cpu_flash_block_backward(dout, q, k, v, out, lse, blk, scale)
     Lq, h, d = q.shape
     g = k.shape[1]
     rep = h // g
@@ -188,6 +198,43 @@ def _cuda_block_backward(dout, q, k, v, out, lse, blk, scale):
         dq[qs:qe] = a[0].permute(1, 0, 2)
         dk[ks:ke] = b[0].permute(1, 0, 2)
         dv[ks:ke] = c[0].permute(1, 0, 2)
+    return dq, dk, dv
+
+
+def _cpu_flash_block_forward(q, k, v, blk, scale):
+    Lq, h, d = q.shape
+    rep = h // k.shape[1]
+    out = q.new_zeros((Lq, h, d))
+    lse = q.new_full((h, Lq), _NEG_INF, dtype=torch.float32)
+    for (qs, qe), (ks, ke) in zip(blk.q_ranges, blk.k_ranges):
+        kk, vv = _bhsd(k[ks:ke]), _bhsd(v[ks:ke])
+        if rep > 1:
+            kk, vv = kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1)
+        o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _bhsd(q[qs:qe]).contiguous(), kk.contiguous(), vv.contiguous(), 0.0, blk.causal,
+            scale=scale)
+        out[qs:qe] = o[0].permute(1, 0, 2)
+        lse[:, qs:qe] = l[0]
+    return out, lse
+
+
+def _cpu_flash_block_backward(dout, q, k, v, out, lse, blk, scale):
+    Lq, h, d = q.shape
+    g = k.shape[1]
+    rep = h // g
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    for (qs, qe), (ks, ke) in zip(blk.q_ranges, blk.k_ranges):
+        m = ke - ks
+        kk, vv = _bhsd(k[ks:ke]), _bhsd(v[ks:ke])
+        if rep > 1:
+            kk, vv = kk.repeat_interleave(rep, 1), vv.repeat_interleave(rep, 1)
+        a, b, c = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            _bhsd(dout[qs:qe].to(q.dtype)).contiguous(), _bhsd(q[qs:qe]).contiguous(),
+            kk.contiguous(), vv.contiguous(), _bhsd(out[qs:qe].to(q.dtype)).contiguous(),
+            lse[:, qs:qe].float().contiguous()[None], 0.0, blk.causal, scale=scale)
+        dq[qs:qe] = a[0].permute(1, 0, 2)
+        dk[ks:ke] = b[0].permute(1, 0, 2).reshape(m, g, rep, d).sum(2)
+        dv[ks:ke] = c[0].permute(1, 0, 2).reshape(m, g, rep, d).sum(2)
     return dq, dk, dv
 
 
@@ -311,7 +358,7 @@ class RingAttention(torch.autograd.Function):
         acc = _acc_dtype(q)
         dout = dout.contiguous()
         delta = None
-        if _backend(q) != "cuda":  # the flash backward computes its own
+        if _backend(q) == "math":  # the kernels' backwards compute their own
             delta = (dout.to(acc) * out.to(acc)).sum(-1).t().contiguous()  # [h, L]
         if R == 1:  # plain (varlen) attention: no ring bookkeeping
             if blocks[0] is None:
