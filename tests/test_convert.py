@@ -167,17 +167,17 @@ def test_bf16_round_trip_is_exact(tmp_path):
         str(tmp_path / "hf2" / "llm" / "config.json"))
 
 
-def _tp_worker(rank, world, cfg_dict, dirs, batch):
+def _tp_worker(rank, world, jobs):
+    """Load each (config, checkpoint, batch) at TP=world; the logits of every job."""
     from megatron.core import parallel_state
     from megatron_longvila.models import LongVILAModel
     from megatron_longvila.models.config import LongVILAConfig
     from megatron_longvila.training.checkpointing import load_model_weights
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
-    cfg = LongVILAConfig.from_dict(cfg_dict)
     out = []
-    for d in dirs:
+    for cfg_dict, d, batch in jobs:
         cpu_compat.model_parallel_seed(11)
-        model = LongVILAModel(cfg).eval()
+        model = LongVILAModel(LongVILAConfig.from_dict(cfg_dict)).eval()
         load_model_weights(model, d)
         with torch.no_grad():
             out.append(model(batch["tokens"], batch["position_ids"], batch["frames"],
@@ -185,29 +185,41 @@ def _tp_worker(rank, world, cfg_dict, dirs, batch):
     return out  # numpy: pickled by value (no shared-memory handles outliving the worker)
 
 
-def test_tensor_parallel_2_conversion(tmp_path):
-    """TP=2 conversion (two processes) -> same logits at TP=2 and TP=1 -> same HF tensors."""
-    cfg = tiny_config("qwen2", "mlp_downsample", tied=False)  # GQA + QKV bias + untied head
-    lm, vt, proj = hf_modules(cfg, seed=9)
-    hf = write_vila(str(tmp_path / "hf"), cfg, lm, vt, proj, head=True)
-    tp2, tp1 = str(tmp_path / "meg_tp2"), str(tmp_path / "meg_tp1")
-    s = convert_hf_to_megatron(tp2, hf_path=hf, tensor_parallel_size=2, dtype="fp32",
-                               progress=False, build_model=True)
-    assert s["tensor_model_parallel_size"] == 2
-    assert sorted(n for n in os.listdir(os.path.join(tp2, "release")) if n.endswith(".distcp")) \
-        == ["__0_0.distcp", "__1_0.distcp"]
-    convert_hf_to_megatron(tp1, hf_path=hf, tensor_parallel_size=1, dtype="fp32",
-                           in_process=True, progress=False)
-    batch = packed_batch(cfg)
-    want = reference_logits(cfg, lm, vt, proj, batch)
-    # Both checkpoints load at TP=2 (the TP=1 one resharded) ...
-    for rank_out in run_distributed(_tp_worker, 2, cfg.to_dict(), [tp2, tp1], batch):
-        for got in rank_out:
-            assert (torch.from_numpy(got) - want).abs().max().item() < 1e-4
-    # ... and the TP=2 one at TP=1.
-    assert (megatron_logits(cfg, tp2, batch) - want).abs().max().item() < 1e-4
-    convert_megatron_to_hf(tp2, str(tmp_path / "hf2"), dtype="fp32", progress=False)
-    assert_same_hf(hf, str(tmp_path / "hf2"))
+def test_tensor_parallel_2(tmp_path):
+    """TP=2: Megatron-Core's save from two processes (--build-model), and every case's
+    streamed checkpoint, load at TP=2 with the HF reference's logits; TP=2 -> HF is exact."""
+    jobs, wants = [], []
+    for case, (family, projector, tied, prefix, head) in CASES.items():
+        cfg = tiny_config(family, projector, tied=tied)
+        lm, vt, proj = hf_modules(cfg, seed=9)
+        hf = write_vila(str(tmp_path / case / "hf"), cfg, lm, vt, proj, vision_prefix=prefix,
+                        head=head)
+        batch = packed_batch(cfg)
+        want = reference_logits(cfg, lm, vt, proj, batch)
+        streamed = str(tmp_path / case / "meg")
+        convert_hf_to_megatron(streamed, hf_path=hf, tensor_parallel_size=2, dtype="fp32",
+                               in_process=True, progress=False)
+        jobs.append((cfg.to_dict(), streamed, batch))
+        wants.append(want)
+        if case == "qwen2-untied":  # GQA + QKV bias + untied output layer
+            tp2 = str(tmp_path / case / "meg_tp2")
+            s = convert_hf_to_megatron(tp2, hf_path=hf, tensor_parallel_size=2, dtype="fp32",
+                                       progress=False, build_model=True)
+            assert s["tensor_model_parallel_size"] == 2
+            files = sorted(n for n in os.listdir(os.path.join(tp2, "release"))
+                           if n.endswith(".distcp"))
+            assert files == ["__0_0.distcp", "__1_0.distcp"]  # written by two ranks
+            jobs.append((cfg.to_dict(), tp2, batch))
+            wants.append(want)
+            # ... at TP=1 too, and back to the very same HF tensors and configs.
+            assert (megatron_logits(cfg, tp2, batch) - want).abs().max().item() < 1e-4
+            convert_megatron_to_hf(tp2, str(tmp_path / case / "hf2"), dtype="fp32",
+                                   progress=False)
+            assert_same_hf(hf, str(tmp_path / case / "hf2"))
+    for rank_out in run_distributed(_tp_worker, 2, jobs):
+        for (_, d, _), got, want in zip(jobs, rank_out, wants):
+            err = (torch.from_numpy(got) - want).abs().max().item()
+            assert err < 1e-4, f"{d}: max abs logit error {err} at TP=2"
 
 
 def test_plain_model_folders_and_fresh_configs(tmp_path, capfd):
@@ -275,3 +287,34 @@ def test_streaming_writer_equals_megatron_save(tmp_path, tied):
     assert states[0].keys() == states[1].keys() and len(states[0]) > 50
     for k in states[0]:
         assert torch.equal(states[0][k], states[1][k]), k
+
+
+def test_sharded_hf_input_and_trainer_saved_checkpoint(tmp_path):
+    """A sharded HF llm folder (index.json) converts; a checkpoint the trainer's own
+    save_model_checkpoint wrote (iteration 5, no HF assets) converts back to the same tensors."""
+    from megatron_longvila.models import LongVILAModel
+    from megatron_longvila.training.checkpointing import load_model_weights, save_model_checkpoint
+    cfg = tiny_config("llama", "mlp_downsample", tied=False)
+    lm, vt, proj = hf_modules(cfg, seed=17)
+    hf = write_vila(str(tmp_path / "hf"), cfg, lm, vt, proj, tokenizer=False)
+    llm_dir = os.path.join(hf, "llm")
+    for f in os.listdir(llm_dir):
+        if f.endswith(".safetensors"):
+            os.remove(os.path.join(llm_dir, f))
+    lm.save_pretrained(llm_dir, max_shard_size="40KB")
+    assert os.path.isfile(os.path.join(llm_dir, "model.safetensors.index.json"))
+    meg = str(tmp_path / "meg")
+    convert_hf_to_megatron(meg, hf_path=hf, dtype="fp32", in_process=True, progress=False)
+    cpu_compat.model_parallel_seed(3)
+    model = LongVILAModel(cfg)
+    load_model_weights(model, meg)
+    trained = str(tmp_path / "trained")
+    save_model_checkpoint(model, trained, iteration=5)
+    out = str(tmp_path / "hf2")
+    convert_megatron_to_hf(trained, out, dtype="fp32", progress=False)
+    for part, module in (("llm", lm), ("vision_tower", vt), ("mm_projector", proj)):
+        got = load_file(os.path.join(out, part, "model.safetensors"))
+        want = {("vision_model." + k if part == "vision_tower" else k): v
+                for k, v in module.state_dict().items()}
+        assert got.keys() == want.keys(), part
+        assert all(torch.equal(got[k], want[k]) for k in want), part

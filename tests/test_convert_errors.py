@@ -7,7 +7,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from megatron_longvila.conversion import convert as cv
 from megatron_longvila.conversion.convert import convert_hf_to_megatron, convert_megatron_to_hf
 from megatron_longvila.conversion.hf_io import ConversionError, StreamingSafetensorsWriter
 

@@ -8,16 +8,20 @@ Megatron checkpoint has no place for but a round trip needs (the HF configs as w
 tokenizer and image-processor files, HF tensors LongVILAModel does not use such as SigLIP's
 ``head.*``, and the HF name prefix of the vision tower).
 
-Memory (see the converters' ``--help`` and tools/benchmarks/bench_convert.py):
+Memory (see tools/benchmarks/bench_convert.py for measurements):
 
-- HF -> Megatron: HF tensors are read one at a time (safetensors, lazily), transformed by the
-  mapping and copied into the tensor-parallel shards of a LongVILAModel built in
-  ``--tensor-model-parallel-size`` processes, which then save collectively. Peak memory is the
-  model once (spread over the TP processes) plus one full HF tensor; the HF checkpoint is
-  never held in memory.
-- Megatron -> HF: one Megatron tensor at a time is loaded from the dist checkpoint (at full
-  size, whatever layout saved it), mapped, and appended to a streaming safetensors writer.
-  Peak memory is a few copies of the largest tensor, independent of model size.
+- HF -> Megatron (default, :mod:`.dist_writer`): one process; for each parameter the HF
+  tensor(s) are read (plain file reads, no mmap), mapped and handed to PyTorch DCP's writer
+  just before they are written. Peak memory is a few copies of the largest tensor plus a
+  fixed overhead, independent of the number of layers. The checkpoint holds full tensors and
+  loads at any tensor-parallel size.
+- HF -> Megatron with ``build_model=True``: the TP-sharded LongVILAModel is built in
+  ``tensor_parallel_size`` gloo processes, filled one HF tensor at a time, and saved with
+  Megatron-Core's ``dist_checkpointing.save`` (via ``save_model_checkpoint``). Peak memory is
+  the model once (spread over the processes) plus Megatron's save overhead.
+- Megatron -> HF: one Megatron tensor (one layer of a stacked key) at a time is read from the
+  dist checkpoint at full size, whatever layout saved it, mapped, and appended to a
+  streaming safetensors writer. Peak memory is a few copies of the largest tensor.
 """
 
 import json
@@ -44,6 +48,18 @@ def log(msg):
 
 
 def peak_rss_bytes() -> int:
+    """This process's peak resident set: VmHWM (its own address space's high-water mark).
+
+    Not getrusage's ru_maxrss: on Linux that also keeps the peak of the address space before
+    exec, i.e. of the parent that forked this process.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
     r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return r if sys.platform == "darwin" else r * 1024

@@ -19,7 +19,6 @@ Megatron-Core reshards on load. ``common.pt`` and ``metadata.json`` carry what
 ``training/checkpointing.save_model_checkpoint`` writes for a model-only checkpoint.
 """
 
-import io
 import json
 import os
 import time

@@ -8,9 +8,10 @@ fresh processes, checks the round trip is exact, and prints peak RSS against mod
 
   python tools/benchmarks/bench_convert.py --layers 2 16 48 --vocab 131072 --hidden 512
 
-Peak RSS is the largest resident set of the converting process (max over the TP processes),
-from the converters' own --summary-json (getrusage ru_maxrss). "over base" subtracts the
-smallest model's peak, so it shows what grows with the model.
+Peak RSS is the high-water mark (VmHWM) of the converting process (max over the TP processes
+with --build-model), from the converters' own --summary-json. "over base" subtracts the
+smallest model's peak, so it shows what grows with the model. --build-model measures the
+HF -> Megatron path that builds the model and saves with Megatron-Core (not streaming).
 """
 
 import argparse
@@ -115,6 +116,8 @@ def main(argv=None):
     p.add_argument("--ffn", type=int, default=2048)
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--dtype", default="fp32")
+    p.add_argument("--build-model", action="store_true",
+                   help="HF -> Megatron through the built model + Megatron-Core save")
     p.add_argument("--workdir", default=None)
     args = p.parse_args(argv)
     work = args.workdir or tempfile.mkdtemp(prefix="bench_convert_")
@@ -129,7 +132,8 @@ def main(argv=None):
                                                  args.hidden, args.ffn)
             a = run_cli([os.path.join(tools, "convert_hf_to_megatron.py"), "--hf-path",
                          os.path.join(d, "hf"), "--save", os.path.join(d, "meg"),
-                         "--tensor-model-parallel-size", str(args.tp), "--dtype", args.dtype],
+                         "--tensor-model-parallel-size", str(args.tp), "--dtype", args.dtype]
+                        + (["--build-model"] if args.build_model else []),
                         os.path.join(d, "a.json"))
             b = run_cli([os.path.join(tools, "convert_megatron_to_hf.py"), "--load",
                          os.path.join(d, "meg"), "--save", os.path.join(d, "hf2"),
@@ -144,7 +148,8 @@ def main(argv=None):
     mib = 1 << 20
     base_a, base_b = rows[0][3], rows[0][4]
     print(f"vocab {args.vocab} x hidden {args.hidden} embedding (the large tensor), ffn {args.ffn},"
-          f" {args.dtype}, TP={args.tp}")
+          f" {args.dtype}, TP={args.tp}, HF->Meg writer: "
+          f"{'model + Megatron-Core save' if args.build_model else 'streaming'}")
     print(f"{'layers':>6} {'model':>9} {'largest':>9} | {'HF->Meg peak':>12} {'over base':>9} "
           f"{'s':>5} | {'Meg->HF peak':>12} {'over base':>9} {'s':>5} | exact")
     for n, size, largest, pa, pb, ta, tb, exact in rows:
