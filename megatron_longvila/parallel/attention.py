@@ -44,7 +44,7 @@ def _backend(x: torch.Tensor) -> str:
     if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
         return "cuda"
     if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
-        # (not float64: torch 2.13's CPU flash backward gets dq wrong for causal float64)
+        # (float64 keeps the exact math path: the reference-grade path of the tests)
         return "cpu_flash"
     return "math"
 
