@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="default: micro-batch size x data-parallel size")
-    g.add_argument("--train-iters", type=int, default=30)
+    g.add_argument("--train-iters", type=int, default=100)
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", default="cosine",
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the embedded default writes its shards (default: a temp dir)")
 
     g = p.add_argument_group("logging")
-    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--log-interval", type=int, default=5)
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=2)
     g.add_argument("--tensorboard-dir", default=None)

@@ -446,11 +446,13 @@ def train(args) -> Dict[str, Any]:
                 first_losses.append(red["loss"])
             if iteration % args.log_interval == 0 or iteration == args.train_iters:
                 mfu = f" | MFU {100 * rec['mfu']:.1f}%" if peak else ""
+                rate = (f"{rec['tflops_per_gpu']:.1f} TFLOP/s/GPU" if torch.cuda.is_available()
+                        else f"{1000 * rec['tflops_per_gpu']:.2f} GFLOP/s/rank")
                 print_rank0(
                     f"iteration {iteration:6d}/{args.train_iters} | loss {red['loss']:.4f} | "
                     f"grad norm {rec['grad_norm'] if rec['grad_norm'] is None else round(rec['grad_norm'], 4)} | "
                     f"lr {rec['lr']:.3e} | {rec['tokens_per_s']:.0f} tokens/s | "
-                    f"{rec['tflops_per_gpu']:.2f} TFLOP/s/GPU{mfu} | samples "
+                    f"{rate}{mfu} | samples "
                     f"{consumed['samples']} | {dt * 1000:.0f} ms")
             if args.eval_interval and iteration % args.eval_interval == 0:
                 ev = evaluate(args, ddp, unwrapped, args.valid_data_path or data_paths, tokenizer)
