@@ -6,8 +6,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from ..constants import IMAGE_TOKEN_INDEX
-from .layout import SequenceLayout
-from .sharding import split_frames
+from .layout import SequenceLayout, split_frames
 
 
 @dataclass

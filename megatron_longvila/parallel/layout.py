@@ -23,7 +23,6 @@ Pad tokens are masked out of the loss by the sharding code.
 
 import math
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -252,3 +251,23 @@ def _block(layout: SequenceLayout, r: int, src: int) -> Optional[VarlenBlock]:
         blk = VarlenBlock(qr, kr, False, L, L) if qr else None
     cache[(r, src)] = blk
     return blk
+
+
+def split_frames(frame_tokens: Sequence[int], sp: int) -> List[Tuple[int, int]]:
+    """Contiguous frame ranges, one per SP rank, balanced by visual tokens.
+
+    ``frame_tokens[f]`` is the number of visual tokens of frame ``f``. Frame ``f`` goes to the
+    rank whose share of the total tokens holds its midpoint, so with equal frames the ranks
+    differ by at most one frame.
+    """
+    total = sum(frame_tokens)
+    bounds = [0] * (sp + 1)
+    acc = 0
+    owner = []
+    for t in frame_tokens:
+        mid2 = 2 * acc + t  # 2 * midpoint, integer arithmetic
+        owner.append(min(sp - 1, (mid2 * sp) // (2 * total)) if total else 0)
+        acc += t
+    for c in range(sp):
+        bounds[c + 1] = bounds[c] + sum(1 for o in owner if o == c)
+    return [(bounds[c], bounds[c + 1]) for c in range(sp)]

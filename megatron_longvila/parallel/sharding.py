@@ -14,7 +14,7 @@ import torch.distributed as dist
 from megatron.core.packed_seq_params import PackedSeqParams
 
 from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from .layout import SequenceLayout, VarlenBlock
+from .layout import SequenceLayout, VarlenBlock, split_frames  # noqa: F401 (re-exported)
 
 PAD_TOKEN_ID = 0
 
@@ -78,26 +78,6 @@ def gather_sequence(x_local: torch.Tensor, layout: SequenceLayout, group, dim: i
 
 
 # ------------------------------------------------------------------ stage 1: frames
-
-def split_frames(frame_tokens: Sequence[int], sp: int) -> List[Tuple[int, int]]:
-    """Contiguous frame ranges, one per SP rank, balanced by visual tokens.
-
-    ``frame_tokens[f]`` is the number of visual tokens of frame ``f``. Frame ``f`` goes to the
-    rank whose share of the total tokens holds its midpoint, so with equal frames the ranks
-    differ by at most one frame.
-    """
-    total = sum(frame_tokens)
-    bounds = [0] * (sp + 1)
-    acc = 0
-    owner = []
-    for t in frame_tokens:
-        mid2 = 2 * acc + t  # 2 * midpoint, integer arithmetic
-        owner.append(min(sp - 1, (mid2 * sp) // (2 * total)) if total else 0)
-        acc += t
-    for c in range(sp):
-        bounds[c + 1] = bounds[c] + sum(1 for o in owner if o == c)
-    return [(bounds[c], bounds[c + 1]) for c in range(sp)]
-
 
 @dataclass
 class VisionRoute:

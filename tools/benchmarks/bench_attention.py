@@ -15,6 +15,8 @@
 2. Communication volume per layer and per rank of each MM-SP layout, computed on paper, for
    8-256 GPUs (Ulysses only, ring only, 2D with Ulysses inside an 8-GPU node), and of stage 1
    (visual embeddings routed to their owners vs an all-gather).
+3. Balance (max/mean over ranks) of a skewed packed batch - one long video, many short
+   clips - per layout: visual tokens encoded, LM tokens, causal attention FLOPs.
 
 Writes ``DIR/attention.csv``, ``DIR/comm_volume.csv`` and ``DIR/report.txt``; prints tables.
 """
@@ -31,6 +33,7 @@ import torch
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 from megatron_longvila.parallel.attention import (block_backward, block_forward,  # noqa: E402
                                                   ring_attention, varlen_block, _merge)
+from megatron_longvila.parallel.balance import balance_report  # noqa: E402
 from megatron_longvila.parallel.layout import SequenceLayout  # noqa: E402
 
 
@@ -214,6 +217,34 @@ def stage1_rows(args):
         gather = V * (sp - 1) / sp * H * b               # every rank receives every token
         rows.append(dict(gpus=sp, route_recv_MB=f"{route / MB:.1f}",
                          allgather_recv_MB=f"{gather / MB:.1f}", ratio=f"{gather / route:.0f}x"))
+    return rows
+
+
+def balance_rows(args):
+    """One long video (256 frames) and 15 short clips (2-8 frames) in one packed row."""
+    from megatron_longvila.constants import IMAGE_TOKEN_INDEX
+    tpf, frames, parts, cu = 196, [256] + [2 + (3 * i) % 7 for i in range(15)], [], [0]
+    for nf in frames:
+        n_text = 300
+        parts.append(torch.cat([torch.ones(20, dtype=torch.long),
+                                torch.full((nf * tpf,), IMAGE_TOKEN_INDEX),
+                                torch.ones(n_text, dtype=torch.long)]))
+        cu.append(cu[-1] + len(parts[-1]))
+    tokens = torch.cat(parts)
+    rows = []
+    for sp in (8, 16, 32, 64):
+        for ring_type in ("ring_varlen", "zigzag_ring_varlen"):
+            for ring in sorted({sp, max(1, sp // args.gpus_per_node)}):
+                if ring == 1 and ring_type == "zigzag_ring_varlen":
+                    continue
+                rep = balance_report(tokens, cu, sum(frames), tpf, sp, ring, ring_type,
+                                     args.heads, args.head_dim)
+                r = rep.ratios()
+                rows.append(dict(gpus=sp, layout=ring_type if ring > 1 else "ulysses",
+                                 U=sp // ring, R=ring, tokens=len(tokens),
+                                 visual=f"{r['visual_tokens']:.3f}",
+                                 lm_tokens=f"{r['text_tokens']:.3f}",
+                                 attn_flops=f"{r['attn_flops']:.3f}"))
     return rows
 
 
@@ -410,6 +441,9 @@ def main():
     srow = stage1_rows(args)
     lines += [f"== stage 1 per micro-batch per rank (paper): {args.visual_tokens} visual tokens, "
               f"hidden {args.llm_hidden} ==", table(srow, list(srow[0]))]
+    brow = balance_rows(args)
+    lines += ["== balance max/mean over ranks: 1 long video + 15 short clips (196 tok/frame) ==",
+              table(brow, list(brow[0]))]
     with open(os.path.join(args.out, "comm_volume.csv"), "w", newline="") as f:
         w = csv.DictWriter(f, ccols)
         w.writeheader()
