@@ -87,6 +87,13 @@ def _save_worker(rank, world, path, seed):
     save_model_checkpoint(model, path)
 
 
+def _eval_inproc(argv):
+    """The CLI at SP=1 in this process (a one-rank gloo world): saves a process start."""
+    from modelutil import init_single_process
+    init_single_process()
+    return _eval_worker(0, 1, argv)
+
+
 def _eval_worker(rank, world, argv):
     import contextlib
     import io
@@ -117,11 +124,22 @@ def _argv(d, ckpt, needles, out, frames="3,6", depths="0,1"):
             "--output", str(d / out)]
 
 
-def test_cli_sp2_answers_like_sp1_and_resumes(ckpt):
+@pytest.fixture(scope="module")
+def sp1(ckpt):
     d, path, needles = ckpt
-    (log1,) = run_distributed(_eval_worker, 1, _argv(d, path, needles, "sp1.json"))
+    log1 = _eval_inproc(_argv(d, path, needles, "sp1.json"))
+    return log1, json.load(open(d / "sp1.json"))
+
+
+def _outputs(results):
+    return [(c["key"], [a["output"] for a in c["answers"]]) for c in results["cells"]]
+
+
+def test_cli_sp2_answers_like_sp1_and_resumes(ckpt, sp1):
+    d, path, needles = ckpt
+    log1, r1 = sp1
     logs2 = run_distributed(_eval_worker, 2, _argv(d, path, needles, "sp2.json"))
-    r1, r2 = json.load(open(d / "sp1.json")), json.load(open(d / "sp2.json"))
+    r2 = json.load(open(d / "sp2.json"))
     assert os.path.getsize(d / "sp1.png") > 0 and os.path.getsize(d / "sp2.png") > 0
     outs1 = [(c["key"], [a["output"] for a in c["answers"]]) for c in r1["cells"]]
     outs2 = [(c["key"], [a["output"] for a in c["answers"]]) for c in r2["cells"]]
@@ -131,13 +149,38 @@ def test_cli_sp2_answers_like_sp1_and_resumes(ckpt):
     assert outs2 == outs1
     assert "accuracy" in log1 and "accuracy" in logs2[0] and logs2[1] == ""
     # resume: a wider grid runs only the new cells; the old ones are kept as they were
-    (log3,) = run_distributed(_eval_worker, 1,
-                              _argv(d, path, needles, "sp1.json", frames="3,6", depths="0,0.5,1"))
+    import shutil
+    shutil.copy(d / "sp1.json", d / "resume.json")
+    log3 = _eval_inproc(_argv(d, path, needles, "resume.json", frames="3,6", depths="0,0.5,1"))
     assert log3.count("frames") == 2 and "depth  0.50" in log3
-    r3 = json.load(open(d / "sp1.json"))
+    r3 = json.load(open(d / "resume.json"))
     old = {c["key"]: c for c in r1["cells"]}
     assert len(r3["cells"]) == 6
     assert all(c == old[c["key"]] for c in r3["cells"] if c["key"] in old)
+
+
+def test_hf_conversion_answers_like_megatron(ckpt, sp1):
+    """Megatron -> HF: transformers (tools/eval_needle.py --hf) gives the same answers; and
+    HF -> Megatron again: the Megatron model gives the same answers."""
+    import subprocess
+    import sys
+    d, path, needles = ckpt
+    _, r1 = sp1
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    py = [sys.executable]
+    subprocess.run(py + [os.path.join(root, "tools", "convert_megatron_to_hf.py"), "--load", path,
+                         "--save", str(d / "hf"), "--dtype", "fp32"], check=True,
+                   capture_output=True)
+    subprocess.run(py + [os.path.join(root, "tools", "convert_hf_to_megatron.py"), "--hf-path",
+                         str(d / "hf"), "--save", str(d / "back"), "--dtype", "fp32"], check=True,
+                   capture_output=True)
+    hf_argv = _argv(d, path, needles, "hf.json")
+    hf_argv[hf_argv.index("--load"):hf_argv.index("--load") + 2] = ["--hf", str(d / "hf")]
+    _eval_inproc(hf_argv)
+    _eval_inproc(_argv(d, str(d / "back"), needles, "back.json"))
+    want = _outputs(r1)
+    assert _outputs(json.load(open(d / "hf.json"))) == want
+    assert _outputs(json.load(open(d / "back.json"))) == want
 
 
 def test_needle_dataset_keeps_every_frame(tmp_path):

@@ -71,9 +71,12 @@ def _gen_worker(rank, world, cp, ring, ring_type, full_sd, tokens, frames, cfgs)
     from megatron_longvila.models import LongVILAModel
     from megatron_longvila.models.config import get_preset
     from megatron_longvila.parallel.groups import initialize_mmsp
+    from megatron.core import parallel_state
     cfg = get_preset("tiny")
-    initialize_mmsp(tp=1, cp=cp, ring=ring, num_heads=cfg.llm.num_attention_heads,
-                    num_kv_heads=cfg.llm.num_query_groups)
+    if not parallel_state.model_parallel_is_initialized():  # in-process SP=1 reference: set
+        initialize_mmsp(tp=1, cp=cp, ring=ring, num_heads=cfg.llm.num_attention_heads,
+                        num_kv_heads=cfg.llm.num_query_groups)
+    assert parallel_state.get_context_parallel_world_size() == cp
     cpu_compat.model_parallel_seed(0)
     model = LongVILAModel(cfg, seq_parallel_ring_type=ring_type)
     load_full_state_dict(model, full_sd)
@@ -96,7 +99,7 @@ def setup():
     cfgs = [GenerationConfig(max_new_tokens=10, stop_ids=stop_token_ids(tok)),
             GenerationConfig(max_new_tokens=10, do_sample=True, temperature=1.0, top_k=50,
                              top_p=0.9, seed=7, stop_ids=stop_token_ids(tok))]
-    (ref,) = run_distributed(_gen_worker, 1, 1, 1, "zigzag_ring_varlen", full, tokens, frames, cfgs)
+    ref = _gen_worker(0, 1, 1, 1, "zigzag_ring_varlen", full, tokens, frames, cfgs)  # in-process
     return full, tokens, frames, cfgs, ref
 
 

@@ -48,12 +48,16 @@ def build_parser():
     g.add_argument("--output", required=True, help="results JSON")
     g.add_argument("--heatmap", default=None, help="PNG (default: output with .png)")
     g.add_argument("--overwrite", action="store_true", help="discard earlier results")
+    g.add_argument("--hf", default=None, metavar="HF_DIR",
+                   help="evaluate a Hugging Face (VILA layout) checkpoint through transformers "
+                        "instead of --load (one process; for comparisons)")
     return p
 
 
 def settings_of(args, cfg, size):
     return {
-        "checkpoint": os.path.abspath(args.load) if args.load else f"random-init(seed={args.seed})",
+        "checkpoint": (f"hf:{os.path.abspath(args.hf)}" if args.hf else
+                       os.path.abspath(args.load) if args.load else f"random-init(seed={args.seed})"),
         "model": cfg.to_dict(),
         "haystack": args.haystack if args.haystack == "synthetic" else os.path.abspath(args.haystack),
         "haystack_seed": args.haystack_seed if args.haystack == "synthetic" else None,
@@ -66,7 +70,20 @@ def settings_of(args, cfg, size):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    model, cfg = R.setup_model(args)
+    if args.hf:
+        from megatron_longvila.evaluation.hf_reference import HFLongVILA
+        R.init_distributed()
+        import torch.distributed as dist
+        if dist.get_world_size() != 1:
+            raise SystemExit("--hf runs in one process")
+        from megatron.core import parallel_state
+        from megatron_longvila.parallel.groups import initialize_mmsp
+        if not parallel_state.model_parallel_is_initialized():
+            initialize_mmsp()  # a one-rank layout: generation's forward takes the SP=1 path
+        model = HFLongVILA(args.hf)
+        cfg = model.cfg
+    else:
+        model, cfg = R.setup_model(args)
     tok = R.resolve_tokenizer(args)
     size = args.image_size or cfg.vision.image_size
     needles = N.load_needles(args.needles)

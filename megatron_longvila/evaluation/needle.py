@@ -156,12 +156,12 @@ def run_grid(answer_fn: Callable[[List[np.ndarray], Needle], str],
     return results
 
 
-def answer_differences(a: dict, b: dict) -> List[str]:
+def answer_differences(a: dict, b: dict, common_only: bool = False) -> List[str]:
     """Cells/needles whose outputs differ between two results dicts (e.g. SP=1 vs SP=2 runs),
-    and cells present in only one of them."""
+    and (unless ``common_only``) cells present in only one of them."""
     ca = {c["key"]: c for c in a["cells"]}
     cb = {c["key"]: c for c in b["cells"]}
-    diffs = [f"cell {k} only in one run" for k in sorted(set(ca) ^ set(cb))]
+    diffs = [] if common_only else [f"cell {k} only in one run" for k in sorted(set(ca) ^ set(cb))]
     for k in sorted(set(ca) & set(cb)):
         for x, y in zip(ca[k]["answers"], cb[k]["answers"]):
             if (x["needle"], x["output"]) != (y["needle"], y["output"]):
@@ -218,6 +218,7 @@ def _main(argv=None):
     c = sub.add_parser("compare", help="same answers in two results files?")
     c.add_argument("a")
     c.add_argument("b")
+    c.add_argument("--common-only", action="store_true", help="compare the cells both hold")
     h = sub.add_parser("heatmap", help="redraw a results file's heatmap")
     h.add_argument("results")
     h.add_argument("png")
@@ -230,12 +231,15 @@ def _main(argv=None):
         a = json.load(f)
     with open(args.b) as f:
         b = json.load(f)
-    diffs = answer_differences(a, b)
-    n = sum(c["total"] for c in a["cells"])
+    diffs = answer_differences(a, b, args.common_only)
+    keys = {c["key"] for c in b["cells"]}
+    cells = [c for c in a["cells"] if c["key"] in keys]
     if diffs:
         print(f"{len(diffs)} differences:\n" + "\n".join(diffs[:50]))
         return 1
-    print(f"same answers: {n} answers in {len(a['cells'])} cells")
+    wrong = sum(c["total"] - c["correct"] for c in cells)
+    print(f"same answers: {sum(c['total'] for c in cells)} answers ({wrong} of them wrong) "
+          f"in {len(cells)} cells")
     return 0
 
 
