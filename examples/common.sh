@@ -8,8 +8,8 @@
 #   TOKENIZER  HF tokenizer directory (required for real models with DATA)
 #   LOAD       checkpoint to start from (the previous stage's SAVE, or a converted HF model);
 #              loaded as weights only (--finetune). If SAVE already holds a checkpoint of this
-#              stage, the run resumes from it instead.
-#   SAVE       output directory (default runs/<stage>)
+#              stage, the run resumes from it instead. LOAD=none: start from scratch.
+#   SAVE       output directory (default runs/<stage>); SAVE=none: save nothing
 #   TRAIN_ITERS, PYTHON
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,12 +20,13 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
 longvila_run() {  # longvila_run STAGE SAVE_DEFAULT ARGS...
   local stage=$1 save=${SAVE:-$2}; shift 2
-  local -a args=(--model "$MODEL" --stage "$stage" --save "$save")
+  local -a args=(--model "$MODEL" --stage "$stage")
+  [[ "$save" != none ]] && args+=(--save "$save")
   [[ -n "${DATA:-}" ]] && args+=(--data-path $DATA)
   [[ -n "${TOKENIZER:-}" ]] && args+=(--tokenizer-model "$TOKENIZER")
-  if [[ -f "$save/latest_checkpointed_iteration.txt" ]]; then
+  if [[ "$save" != none && -f "$save/latest_checkpointed_iteration.txt" ]]; then
     args+=(--load "$save")                       # resume this stage exactly
-  elif [[ -n "${LOAD:-}" ]]; then
+  elif [[ -n "${LOAD:-}" && "${LOAD}" != none ]]; then
     args+=(--load "$LOAD" --finetune)            # weights of the previous stage
   fi
   [[ "$MODEL" != tiny ]] && args+=(--bf16 --use-distributed-optimizer --transformer-impl auto)

@@ -198,15 +198,14 @@ def validate_args(args, world_size: int):
         _err("--bf16 and --fp16 are exclusive")
     if args.min_lr > args.lr:
         _err(f"--min-lr {args.min_lr} is above --lr {args.lr}")
-    if args.lr_warmup_iters < 0 or args.lr_warmup_iters > args.train_iters:
-        _err(f"--lr-warmup-iters {args.lr_warmup_iters} must be within 0..--train-iters "
-             f"{args.train_iters}")
+    if args.lr_warmup_iters < 0:
+        _err(f"--lr-warmup-iters must be >= 0, got {args.lr_warmup_iters}")
     for flag in ("save_interval", "eval_interval"):
         v = getattr(args, flag)
         if v is not None and v < 1:
             _err(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
     if args.save_interval and not args.save:
-        _err("--save-interval given without --save")
+        args.save_interval = None  # nothing to save to (e.g. SAVE=none in examples/)
 
     cfg = build_model_config(args)
     args.model_config = cfg
@@ -276,6 +275,9 @@ def validate_args(args, world_size: int):
         _err(f"--tokenizer-model {args.tokenizer_model}: no such file or directory")
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters
+    if args.lr_warmup_iters > args.lr_decay_iters:
+        _err(f"--lr-warmup-iters {args.lr_warmup_iters} exceeds the decay iterations "
+             f"{args.lr_decay_iters} (--lr-decay-iters, default --train-iters)")
     return args
 
 

@@ -42,7 +42,7 @@ def test_defaults_and_derived_values():
     (["--load", "/nonexistent/ckpt"], 1, "/nonexistent/ckpt"),
     (["--data-path", "/nonexistent/shards"], 1, "/nonexistent/shards"),
     (["--bf16", "--fp16"], 1, "exclusive"),
-    (["--save-interval", "5"], 1, "without --save"),
+    (["--lr-warmup-iters", "5", "--train-iters", "4"], 1, "--lr-warmup-iters 5"),
     (["--seq-length", "100000"], 1, "max position embeddings 8192"),
 ])
 def test_bad_flags_fail_early_with_the_numbers(argv, world, needle):

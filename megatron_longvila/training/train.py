@@ -168,8 +168,9 @@ def ensure_data(args):
         else:
             d = make_synthetic_dataset(out, num_videos=args.synthetic_videos,
                                        num_frames=args.synthetic_frames,
+                                       frames_per_video=max(12, args.synthetic_frames),
                                        image_size=cfg.vision.image_size, seed=args.seed,
-                                       shard_max_samples=16)
+                                       shard_max_samples=16, num_workers=min(8, os.cpu_count() or 1))
         print(f"no --data-path: {args.synthetic_videos} synthetic "
               f"{'text samples' if args.synthetic_text_only else 'videos'} written to {d} "
               f"({time.time() - t0:.1f}s)", flush=True)
