@@ -318,3 +318,62 @@ def test_sharded_hf_input_and_trainer_saved_checkpoint(tmp_path):
                 for k, v in module.state_dict().items()}
         assert got.keys() == want.keys(), part
         assert all(torch.equal(got[k], want[k]) for k in want), part
+
+
+def test_released_vila_config_layout(tmp_path):
+    """Configs in the shape of a released VILA/NVILA checkpoint (transformers-4 keys:
+    rope_theta, torch_dtype, rope_scaling null, the VILA top-level keys) convert with logit
+    parity and come back verbatim."""
+    cfg = tiny_config("qwen2", "mlp_downsample", tied=False)
+    lm, vt, proj = hf_modules(cfg, seed=23)
+    hf = write_vila(str(tmp_path / "hf"), cfg, lm, vt, proj)
+    l, v = cfg.llm, cfg.vision
+    llm_cfg = {"_name_or_path": "./llm", "architectures": ["Qwen2ForCausalLM"],
+               "attention_dropout": 0.0, "bos_token_id": 151643, "eos_token_id": 151645,
+               "hidden_act": "silu", "hidden_size": l.hidden_size, "initializer_range": 0.02,
+               "intermediate_size": l.ffn_hidden_size,
+               "max_position_embeddings": l.max_position_embeddings, "max_window_layers": 28,
+               "model_max_length": 8192, "model_type": "qwen2",
+               "num_attention_heads": l.num_attention_heads, "num_hidden_layers": l.num_layers,
+               "num_key_value_heads": l.num_query_groups, "rms_norm_eps": l.norm_eps,
+               "rope_scaling": None, "rope_theta": l.rope_base, "sliding_window": None,
+               "tie_word_embeddings": False, "tokenizer_model_max_length": 8192,
+               "tokenizer_padding_side": "right", "torch_dtype": "float32",
+               "use_cache": True, "use_sliding_window": False, "vocab_size": l.vocab_size}
+    vis_cfg = {"_name_or_path": "./vision_tower", "architectures": ["SiglipVisionModel"],
+               "attention_dropout": 0.0, "hidden_act": "gelu_pytorch_tanh",
+               "hidden_size": v.hidden_size, "image_size": v.image_size,
+               "intermediate_size": v.intermediate_size, "layer_norm_eps": v.norm_eps,
+               "model_type": "siglip_vision_model", "num_attention_heads": v.num_attention_heads,
+               "num_channels": 3, "num_hidden_layers": v.num_layers, "patch_size": v.patch_size,
+               "torch_dtype": "float32"}
+    proj_cfg = {"_name_or_path": "./mm_projector", "architectures": ["MultimodalProjector"],
+                "mm_projector_type": "mlp_downsample", "model_type": "v2l_projector",
+                "torch_dtype": "float32"}
+    top = {"_name_or_path": "Efficient-Large-Model/LongVILA-tiny",
+           "architectures": ["LlavaLlamaModel"], "drop_path_rate": 0.0, "dynamic_s2": False,
+           "fps": 0.0, "hidden_size": l.hidden_size, "image_aspect_ratio": "resize",
+           "interpolate_mode": "linear", "llm_cfg": llm_cfg, "mm_hidden_size": v.hidden_size,
+           "mm_projector_cfg": proj_cfg, "mm_projector_lr": None, "mm_use_im_patch_token": False,
+           "mm_use_im_start_end": False, "mm_vision_select_feature": "cls_patch",
+           "mm_vision_select_layer": -2, "model_dtype": "torch.float32",
+           "model_type": "llava_llama", "num_time_tokens": 0, "num_video_frames": 256,
+           "resume_path": "./vlm", "s2": False, "s2_max_split_size": 336,
+           "s2_scales": "336,672,1008", "soft_ce_std": 1.0, "time_token_format": "<t{t}>",
+           "transformers_version": "4.46.0", "tune_language_model": True,
+           "tune_mm_projector": True, "tune_vision_tower": True, "vision_resolution": -1,
+           "vision_tower_cfg": vis_cfg}
+    for path, d in (("config.json", top), ("llm/config.json", llm_cfg),
+                    ("vision_tower/config.json", vis_cfg),
+                    ("mm_projector/config.json", proj_cfg)):
+        with open(os.path.join(hf, path), "w") as f:
+            json.dump(d, f, indent=2)
+    meg = str(tmp_path / "meg")
+    convert_hf_to_megatron(meg, hf_path=hf, dtype="fp32", in_process=True, progress=False)
+    saved = _json(os.path.join(meg, "longvila_config.json"))
+    assert saved["vision_select_layer"] == -2 and saved["llm"]["rope_base"] == l.rope_base
+    batch = packed_batch(cfg)
+    err = (megatron_logits(cfg, meg, batch) - reference_logits(cfg, lm, vt, proj, batch))
+    assert err.abs().max().item() < 1e-4
+    convert_megatron_to_hf(meg, str(tmp_path / "hf2"), dtype="fp32", progress=False)
+    assert_same_hf(hf, str(tmp_path / "hf2"))

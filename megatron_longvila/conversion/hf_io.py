@@ -219,13 +219,11 @@ class StreamingSafetensorsWriter:
             raise ConversionError(f"{self.path}: tensor {name} came where {want} was expected")
         if tuple(tensor.shape) != tuple(shape):
             raise ConversionError(f"{name}: shape {tuple(tensor.shape)}, expected {tuple(shape)}")
-        t = tensor.detach().to(dtype).contiguous().cpu()
-        if t.dtype == torch.bfloat16:
-            data = t.view(torch.int16).numpy().tobytes()
-        else:
-            data = t.numpy().tobytes()
+        t = tensor.detach().to(dtype).cpu().contiguous()
+        arr = (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy()
+        data = memoryview(arr.reshape(-1)).cast("B")  # the tensor's bytes, no copy
         self._f.write(data)
-        self.bytes += len(data)
+        self.bytes += data.nbytes
         self._next += 1
 
     def close(self):
