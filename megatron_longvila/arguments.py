@@ -109,6 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--finetune", action="store_true",
                    help="load weights only from --load: iteration 0, fresh optimizer/scheduler/"
                         "loader (the next stage of the recipe)")
+    g.add_argument("--ckpt-step", type=int, default=None,
+                   help="load this iteration of --load instead of the latest")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--keep-last-checkpoints", type=int, default=None)
@@ -194,6 +196,9 @@ def validate_args(args, world_size: int):
     if args.pipeline_model_parallel_size != 1:
         _err(f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}: pipeline "
              "parallelism is not supported (LongVILA scales with TP x SP x DP)")
+    if args.use_distributed_optimizer and not _cuda():
+        _err("--use-distributed-optimizer needs CUDA GPUs: Megatron-Core's DistributedOptimizer "
+             "accepts only CUDA parameters (drop the flag on the CPU)")
     if args.bf16 and args.fp16:
         _err("--bf16 and --fp16 are exclusive")
     if args.min_lr > args.lr:
@@ -260,6 +265,11 @@ def validate_args(args, world_size: int):
         if not os.path.isfile(os.path.join(args.load, TRACKER_FILE)) and not (
                 args.save and os.path.abspath(args.save) == os.path.abspath(args.load)):
             _err(f"--load {args.load}: no {TRACKER_FILE} there (no completed checkpoint)")
+        if args.ckpt_step is not None:
+            from .training.checkpointing import checkpoint_name
+            step_dir = os.path.join(args.load, checkpoint_name(args.ckpt_step))
+            if not os.path.isfile(os.path.join(step_dir, "metadata.json")):
+                _err(f"--ckpt-step {args.ckpt_step}: no complete checkpoint {step_dir}")
     for flag in ("data_path", "valid_data_path"):
         paths = getattr(args, flag) or []
         for item in paths:
@@ -279,6 +289,11 @@ def validate_args(args, world_size: int):
         _err(f"--lr-warmup-iters {args.lr_warmup_iters} exceeds the decay iterations "
              f"{args.lr_decay_iters} (--lr-decay-iters, default --train-iters)")
     return args
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
 
 
 def _is_number(s) -> bool:

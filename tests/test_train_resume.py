@@ -85,3 +85,23 @@ def test_sigkill_during_save_keeps_previous_checkpoint(setup):
     # the next save cleared the leftovers of the interrupted one
     assert not (save / ".tmp_iter_0000006").exists()
     assert (save / "iter_0000004").exists()
+
+
+def test_resume_at_another_tp_sp_layout(setup):
+    """The one-process checkpoint of iteration 3 resumed as TP=2 x SP=2 (4 processes, DP=1:
+    the same sample stream): model and optimizer reshard; iterations 4..6 match the
+    uninterrupted one-process run."""
+    root, common, ref = setup
+    m = root / "tp2sp2.jsonl"
+    p = run_cli(common + ["--load", root / "ref_ckpt", "--ckpt-step", 3, "--save", root / "tp2sp2",
+                          "--metrics-file", m, "--tensor-model-parallel-size", 2,
+                          "--context-parallel-size", 2], nproc=4, timeout=300)
+    assert "optimizer" in p.stdout and "loader" in p.stdout, p.stdout[-3000:]
+    recs = train_records(m)
+    assert [r["iteration"] for r in recs] == [4, 5, 6]
+    want = _by_iter(ref)
+    for r in recs:
+        q = want[r["iteration"]]
+        assert r["loss"] == pytest.approx(q["loss"], rel=1e-5, abs=1e-6), (r, q)
+        assert r["grad_norm"] == pytest.approx(q["grad_norm"], rel=1e-4), (r, q)
+        assert r["sample_keys"] == q["sample_keys"]

@@ -339,13 +339,15 @@ def load_model_weights(model, load_dir: str, iteration=None) -> Union[int, str]:
 
 
 def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, loader=None,
-                    finetune: bool = False, load_rng: bool = True) -> Dict[str, Any]:
+                    finetune: bool = False, load_rng: bool = True,
+                    iteration: Union[int, str, None] = None) -> Dict[str, Any]:
     """Load a checkpoint into model (and optimizer, scheduler, loader, RNG unless finetune).
 
+    ``iteration``: that checkpoint of ``load_dir`` instead of the tracker's (``--ckpt-step``).
     Returns ``{"iteration", "args", "consumed", "layout", "finetune", "loaded": [...]}``;
     ``iteration`` is 0 for a finetune / release / weights-only load.
     """
-    it = read_tracker(load_dir)
+    it = read_tracker(load_dir) if iteration is None else iteration
     path = checkpoint_dir(load_dir, it)
     common = dist_checkpointing.load_common_state_dict(path)
     weights_only = finetune or it == RELEASE or "optimizer" not in _saved_keys(path, common)

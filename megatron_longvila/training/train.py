@@ -363,7 +363,7 @@ def train(args) -> Dict[str, Any]:
         info = checkpointing.load_checkpoint(
             args.load, ddp, optimizer=None if args.no_load_optim else optimizer,
             scheduler=scheduler, loader=loader, finetune=args.finetune,
-            load_rng=not args.no_load_rng)
+            load_rng=not args.no_load_rng, iteration=args.ckpt_step)
         iteration = info["iteration"]
         if not info["finetune"] and info.get("consumed"):
             consumed.update(info["consumed"])
