@@ -21,7 +21,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue):
+def _worker(rank, world_size, port, fn, args, queue, collected):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -29,6 +29,9 @@ def _worker(rank, world_size, port, fn, args, queue):
         dist.init_process_group("gloo", rank=rank, world_size=world_size)
         out = fn(rank, world_size, *args)
         queue.put((rank, "ok", out))
+        # Tensors on the queue travel as shared-memory file descriptors, which vanish if this
+        # process exits before the parent has read them: wait until it has.
+        collected.wait(timeout=600)
     except BaseException:  # noqa: BLE001 - report every failure to the parent
         queue.put((rank, "error", traceback.format_exc()))
     finally:
@@ -44,8 +47,9 @@ def _worker(rank, world_size, port, fn, args, queue):
 def run_distributed(fn, world_size, *args, timeout=600):
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
+    collected = ctx.Event()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue))
+    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, collected))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -59,6 +63,7 @@ def run_distributed(fn, world_size, *args, timeout=600):
                 errors.append(f"rank {rank}:\n{out}")
                 break
     finally:
+        collected.set()
         for p in procs:
             p.join(timeout=5 if errors else timeout)
             if p.is_alive():
