@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load this iteration of --load instead of the latest")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--no-load-loader-state", action="store_true",
+                   help="resume model/optimizer/scheduler but restart the sample stream (needed "
+                        "when the data-parallel size or the data changed)")
     g.add_argument("--keep-last-checkpoints", type=int, default=None)
     # test hooks: SIGKILL this process at a point of the run (exact-resume / crash tests)
     g.add_argument("--debug-kill-after-iteration", type=int, default=None, help=argparse.SUPPRESS)
@@ -229,6 +232,12 @@ def validate_args(args, world_size: int):
              f"--tensor-model-parallel-size {tp}")
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # as Megatron-LM: nothing to split
+    if args.sequence_parallel:
+        from .models.specs import resolve_transformer_impl
+        if resolve_transformer_impl(args.transformer_impl) != "transformer_engine":
+            _err("--sequence-parallel needs --transformer-impl transformer_engine (with "
+                 "transformer-engine installed, e.g. in the NGC image): Megatron-Core's torch "
+                 "norms do not support sequence parallelism")
     dp = world_size // (tp * cp)
     args.world_size, args.data_parallel_size = world_size, dp
     # the sequence must split into 2 x ring x ulysses chunks per sub-sequence layout; the

@@ -72,3 +72,11 @@ def test_nan_loss_stops_or_is_skipped(tmp_path):
     assert [r["skipped_iterations"] for r in recs] == [0, 1, 1]
     assert recs[1]["grad_norm"] != recs[1]["grad_norm"]  # NaN: no update
     assert all(r["loss"] == r["loss"] for r in (recs[0], recs[2]))
+
+
+def test_sequence_parallel_needs_transformer_engine():
+    from megatron_longvila.models.specs import te_available
+    if te_available():
+        pytest.skip("transformer-engine installed")
+    with pytest.raises(ValueError, match="transformer_engine"):
+        _check(["--tensor-model-parallel-size", "2", "--sequence-parallel"], world=2)

@@ -360,10 +360,14 @@ def train(args) -> Dict[str, Any]:
     iteration, consumed = 0, {"samples": 0, "micro_batches": 0, "skipped_iterations": 0}
     if args.load and checkpointing.has_checkpoint(args.load):
         t0 = time.time()
-        info = checkpointing.load_checkpoint(
-            args.load, ddp, optimizer=None if args.no_load_optim else optimizer,
-            scheduler=scheduler, loader=loader, finetune=args.finetune,
-            load_rng=not args.no_load_rng, iteration=args.ckpt_step)
+        try:
+            info = checkpointing.load_checkpoint(
+                args.load, ddp, optimizer=None if args.no_load_optim else optimizer,
+                scheduler=scheduler, loader=None if args.no_load_loader_state else loader,
+                finetune=args.finetune,
+                load_rng=not args.no_load_rng, iteration=args.ckpt_step)
+        except (ValueError, FileNotFoundError, KeyError) as e:
+            raise TrainingError(f"--load {args.load}: {e}") from e
         iteration = info["iteration"]
         if not info["finetune"] and info.get("consumed"):
             consumed.update(info["consumed"])
