@@ -13,7 +13,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tools", "benchmarks"))
 
 import bench_step  # noqa: E402
-import flops  # noqa: E402
+from megatron_longvila.training import flops  # noqa: E402
 import run_all  # noqa: E402
 from megatron_longvila.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 from megatron_longvila.models.config import (LanguageModelConfig, LongVILAConfig,  # noqa: E402
@@ -49,6 +49,9 @@ def test_flops_hand_count():
     # projector on 4 tokens: (4*8 -> 16) + (16 -> 16)
     assert f["projector"] == 3 * 2 * 2 * 4 * (32 * 16 + 16 * 16)
     assert f["total"] == sum(v for k, v in f.items() if k != "total")
+    labelled = flops.step_flops(cfg, [5, 3], n_frames=2, labelled_tokens=3)
+    assert labelled["lm_head"] == 3 * 2 * 100 * 16 * 3
+    assert labelled["total"] == f["total"] - f["lm_head"] + labelled["lm_head"]
     frozen = flops.step_flops(cfg, [5, 3], n_frames=2, train_vision=False)
     assert frozen["vision_dense"] == f["vision_dense"] / 3
 

@@ -47,7 +47,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.abspath(os.path.join(_HERE, "..", "..")))
 sys.path.insert(0, _HERE)
 
-from flops import step_flops  # noqa: E402
+from megatron_longvila.training.flops import step_flops  # noqa: E402
 from megatron_longvila.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 
 MODES = ("none", "vision", "full")
@@ -435,7 +435,9 @@ def measure(runner, cfg, length, mode, args, device, peak_tflops, deadline=None)
         t0 = time.time()
         times, loss = time_steps(runner, batch, args.warmup, args.steps, device, deadline)
         med = statistics.median(times)
-        fl = step_flops(cfg, batch["seg_lens"], batch["n_frames"])
+        # useful model FLOPs, the same for both implementations: lm_head on labelled rows
+        fl = step_flops(cfg, batch["seg_lens"], batch["n_frames"],
+                        labelled_tokens=batch["n_valid"])
         row.update(status="ok", steps=len(times), step_s=med,
                    step_s_min=min(times), step_s_max=max(times), wall_s=time.time() - t0,
                    tokens_per_s=length / med, model_tflop_per_step=fl["total"] / 1e12,

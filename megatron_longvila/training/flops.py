@@ -16,7 +16,7 @@ recomputed. Elementwise ops, norms, softmax, biases and the embedding lookup cou
 - projector, per frame: its Linear layers on the tokens they see.
 """
 
-from typing import Dict, Iterable
+from typing import Dict, Iterable, Optional
 
 
 def llm_matmul_params(llm) -> Dict[str, int]:
@@ -54,20 +54,25 @@ def causal_attention_flops_fwd(seq_lens: Iterable[int], heads: int, head_dim: in
     return 2 * 2 * pairs * head_dim * heads * layers
 
 
-def step_flops(cfg, seq_lens: Iterable[int], n_frames: int, train_vision: bool = True) -> Dict[str, float]:
+def step_flops(cfg, seq_lens: Iterable[int], n_frames: int, train_vision: bool = True,
+               labelled_tokens: Optional[int] = None) -> Dict[str, float]:
     """Model FLOPs of one training step on a packed row.
 
     ``seq_lens``: sub-sequence lengths of the row (they sum to its length);
     ``n_frames``: frames the vision tower encodes. With ``train_vision=False`` the tower
     and projector count forward only (no backward runs through them).
+    ``labelled_tokens``: positions with a label. The model computes the output layer only
+    there (``LongVILAModel._output_losses_on_labelled``), so lm_head work is counted for them
+    alone; ``None`` counts every position (a model that computes all logits).
     """
     seq_lens = [int(s) for s in seq_lens]
     S = sum(seq_lens)
+    head_tokens = S if labelled_tokens is None else int(labelled_tokens)
     llm, v = cfg.llm, cfg.vision
     mp = llm_matmul_params(llm)
     fwd = {
         "llm_dense": 2 * mp["layers"] * S,
-        "lm_head": 2 * mp["lm_head"] * S,
+        "lm_head": 2 * mp["lm_head"] * head_tokens,
         "llm_attention": causal_attention_flops_fwd(seq_lens, llm.num_attention_heads,
                                                     llm.kv_channels, llm.num_layers),
     }
