@@ -20,6 +20,7 @@ setup(
         "numpy",
         "tqdm",
         "einops",
+        "pyyaml",
         "psutil",  # megatron-core dist checkpointing's writer hangs on the CPU without it
     ],
     extras_require={
