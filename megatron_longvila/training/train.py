@@ -404,13 +404,15 @@ def train(args) -> Dict[str, Any]:
                                 micro_batch_size=1, forward_only=False)
             red = _reduce_loss(losses_reduced)
             lr_used = float(optimizer.param_groups[0]["lr"])
-            finite = math.isfinite(red["loss"]) and _grads_finite(ddp)
+            # fp16: Megatron's loss scaler finds inf/NaN gradients itself (and lowers the scale)
+            finite = math.isfinite(red["loss"]) and (args.fp16 or _grads_finite(ddp))
             if finite:
                 ok, grad_norm, _ = optimizer.step()
-                if not ok:  # fp16 loss-scale overflow: Megatron skips the update
-                    finite = False
-            if finite:
-                scheduler.step(increment=args.global_batch_size)
+                if ok:
+                    scheduler.step(increment=args.global_batch_size)
+                else:  # fp16 loss-scale overflow: the update is skipped, as in Megatron-LM
+                    consumed["loss_scale_skips"] = consumed.get("loss_scale_skips", 0) + 1
+                    grad_norm = float("nan")
             else:
                 consumed["skipped_iterations"] += 1
                 if args.on_nan == "stop":
