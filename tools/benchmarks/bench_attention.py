@@ -197,7 +197,8 @@ def comm_rows(args):
             L = S / R
             kv_local = 2 * L * (gq / U) * d                             # elements of K and V
             p2p_f = (R - 1) * kv_local * b
-            p2p_b = (R - 1) * kv_local * b + R * kv_local * 4           # kv again + fp32 dkv
+            # backward: KV goes round again, and (ring > 1) the fp32 dKV goes round R times
+            p2p_b = (R - 1) * kv_local * b + (R * kv_local * 4 if R > 1 else 0)
             total = 2 * a2a + p2p_f + p2p_b                              # a2a bwd = a2a fwd
             intra_u = U <= args.gpus_per_node
             inter = (0 if intra_u else 2 * a2a) + \
