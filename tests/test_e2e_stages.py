@@ -1,5 +1,6 @@
 """End to end on the CPU: the five LongVILA stages (examples/stage*.sh) on the tiny preset, each
-loading the last; parts frozen in a stage keep their exact weights, trained parts change; the
+loading the last, stage 1 a model-only "release" checkpoint (the HF converter's output
+format); parts frozen in a stage keep their exact weights, trained parts change; the
 loss of the short SFT run falls; stage 5 runs with MM-SP (SP=2)."""
 
 import os
@@ -12,7 +13,6 @@ import torch
 from dist import run_distributed
 from trainutil import ROOT, train_records
 
-SEED = 1234  # pretrain_longvila.py's default --seed
 STAGES = [  # script, trained parts, extra environment
     ("stage1_align.sh", {"projector"}, {}),
     ("stage2_pretrain.sh", {"projector", "llm"}, {}),
@@ -38,9 +38,8 @@ def _load_all(rank, world, dirs):
     from megatron_longvila.models import LongVILAModel
     from megatron_longvila.training.checkpointing import load_model_weights, read_checkpoint_config
     parallel_state.initialize_model_parallel(1, 1)
-    cpu_compat.model_parallel_seed(SEED)  # stage 1 starts from the trainer's initialisation
-    init = LongVILAModel(read_checkpoint_config(dirs[0]))
-    states = [{k: v.clone() for k, v in full_state_dict(init).items()}]
+    # stage 1 starts from the model-only "release" checkpoint (what the HF converter writes)
+    states = []
     for d in dirs:
         cpu_compat.model_parallel_seed(0)
         model = LongVILAModel(read_checkpoint_config(d))
@@ -56,15 +55,17 @@ def _load_all(rank, world, dirs):
 
 @pytest.mark.timeout(1200)
 def test_five_stages_tiny(tmp_path):
-    dirs, metrics, prev = [], [], None
+    release = tmp_path / "converted"
+    run_distributed(_write_release, 1, str(release))
+    assert (release / "release").is_dir()
+    dirs, metrics, prev = [str(release)], [], release
     for i, (script, _trained, extra) in enumerate(STAGES, 1):
         save = tmp_path / f"stage{i}"
         m = tmp_path / f"stage{i}.jsonl"
         env = dict(os.environ, MODEL="tiny", NPROC="1", TRAIN_ITERS="3", PYTHON=sys.executable,
                    SAVE=str(save), LOG=str(tmp_path / f"stage{i}.log"), PYTHONWARNINGS="ignore")
         env.pop("LOAD", None)
-        if prev:
-            env["LOAD"] = str(prev)
+        env["LOAD"] = str(prev)
         env.update(extra)
         # a fresh synthetic dataset per stage, kept inside tmp_path
         script_args = f"--metrics-file {m} --synthetic-dir {tmp_path / f'data{i}'} --num-workers 1"
@@ -74,8 +75,7 @@ def test_five_stages_tiny(tmp_path):
             r["loss"] == r["loss"] for r in recs), recs
         with open(env["LOG"]) as f:
             log = f.read()
-        if prev:
-            assert "weights only" in log, log[-2000:]
+        assert "weights only" in log, log[-2000:]
         dirs.append(str(save))
         metrics.append(recs)
         prev = save
@@ -89,11 +89,21 @@ def test_five_stages_tiny(tmp_path):
         assert not frozen_changed, f"stage {i + 1}: frozen parameters changed: {frozen_changed}"
         parts = {_part(k) for k in changed[i]}
         assert parts == trained, f"stage {i + 1}: changed parts {parts}, trained {trained}"
-    # stage 4 raised the RoPE base; stage 5 kept it
-    assert rope_bases[3] == rope_bases[4] == 100000 != rope_bases[2]
+    # stage 4 raised the RoPE base; stage 5 kept it (rope_bases[0]: the release checkpoint)
+    assert rope_bases[4] == rope_bases[5] == 100000 != rope_bases[3]
     # the short SFT run's loss falls
     sft = [r["loss"] for r in metrics[2]]
     assert sum(sft[-3:]) / 3 < sum(sft[:3]) / 3, sft
+
+
+def _write_release(rank, world, out_dir):
+    from megatron.core import parallel_state
+    from megatron_longvila import cpu_compat
+    from megatron_longvila.models import LongVILAModel, get_preset
+    from megatron_longvila.training.checkpointing import save_model_checkpoint
+    parallel_state.initialize_model_parallel(1, 1)
+    cpu_compat.model_parallel_seed(4242)  # not the trainer's seed: stage 1 must load these
+    save_model_checkpoint(LongVILAModel(get_preset("tiny")), out_dir)
 
 
 def _run_stage_with_args(script, env, args):
