@@ -159,7 +159,10 @@ def ensure_data(args):
     path = [None]
     if dist.get_rank() == 0:
         from ..data import make_synthetic_dataset
-        out = args.synthetic_dir or tempfile.mkdtemp(prefix="longvila_synthetic_")
+        out = args.synthetic_dir
+        if out is None:
+            out = tempfile.mkdtemp(prefix="longvila_synthetic_")
+            args.synthetic_tmp = out  # removed at the end of the run
         t0 = time.time()
         if args.synthetic_text_only:
             d = make_synthetic_dataset(out, num_videos=0, num_text_only=args.synthetic_videos,
@@ -476,6 +479,9 @@ def train(args) -> Dict[str, Any]:
     finally:
         writer.close()
         loader.close()
+        if getattr(args, "synthetic_tmp", None):
+            import shutil
+            shutil.rmtree(args.synthetic_tmp, ignore_errors=True)
     total = time.time() - t_start
     print_rank0(f"done: {iteration} iterations in {total:.1f}s")
     return {"iteration": iteration, "first_losses": first_losses, "last": last,
