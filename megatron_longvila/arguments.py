@@ -202,6 +202,9 @@ def validate_args(args, world_size: int):
     if args.use_distributed_optimizer and not _cuda():
         _err("--use-distributed-optimizer needs CUDA GPUs: Megatron-Core's DistributedOptimizer "
              "accepts only CUDA parameters (drop the flag on the CPU)")
+    if args.overlap_grad_reduce and not _cuda():
+        _err("--overlap-grad-reduce needs CUDA GPUs (Megatron-Core's DDP overlaps on a CUDA "
+             "stream); drop the flag on the CPU")
     if args.bf16 and args.fp16:
         _err("--bf16 and --fp16 are exclusive")
     if args.min_lr > args.lr:
