@@ -26,7 +26,8 @@ def add_model_arguments(p):
     g.add_argument("--model-config", default=None, help="a LongVILAConfig JSON file")
     g.add_argument("--projector-type", default=None)
     g.add_argument("--tokenizer", default=None,
-                   help="tokenizer name or directory (default: tiny); use the training run's")
+                   help="tokenizer name or directory (default: the training run's --tokenizer-model "
+                        "stored in the checkpoint, else tiny)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--context-parallel-size", "--seq-parallel-size", dest="context_parallel_size",
                    type=int, default=None, help="SP size (default: world size / TP)")
@@ -76,9 +77,25 @@ def resolve_model_config(args):
     return get_preset("tiny", projector_type=args.projector_type or "mlp_downsample")
 
 
+def _checkpoint_args(load_dir: Optional[str]) -> dict:
+    """The trainer's arguments stored in the checkpoint (empty if none / not a training one)."""
+    if not load_dir:
+        return {}
+    try:
+        from ..training.checkpointing import read_common_state
+        a = read_common_state(load_dir).get("args")
+    except Exception:  # noqa: BLE001 - converted (release) checkpoints may carry no args
+        return {}
+    return a if isinstance(a, dict) else {}
+
+
 def resolve_tokenizer(args):
+    """--tokenizer, else the training run's --tokenizer-model/--chat-template, else tiny."""
     from ..data.tokenizer import build_tokenizer
-    return build_tokenizer(args.tokenizer or "tiny")
+    if args.tokenizer:
+        return build_tokenizer(args.tokenizer)
+    a = _checkpoint_args(args.load)
+    return build_tokenizer(a.get("tokenizer_model") or "tiny", template=a.get("chat_template"))
 
 
 def setup_model(args, cfg=None):
