@@ -52,6 +52,12 @@ def test_flops_hand_count():
     labelled = flops.step_flops(cfg, [5, 3], n_frames=2, labelled_tokens=3)
     assert labelled["lm_head"] == 3 * 2 * 100 * 16 * 3
     assert labelled["total"] == f["total"] - f["lm_head"] + labelled["lm_head"]
+    # stage 1 (projector only): the frozen LLM still back-propagates activations (2x), the
+    # tower below the projector runs forward only (1x)
+    align = flops.step_flops(cfg, [5, 3], n_frames=2, trainable=("projector",))
+    assert align["llm_dense"] == f["llm_dense"] * 2 / 3
+    assert align["projector"] == f["projector"]
+    assert align["vision_dense"] == f["vision_dense"] / 3
     frozen = flops.step_flops(cfg, [5, 3], n_frames=2, train_vision=False)
     assert frozen["vision_dense"] == f["vision_dense"] / 3
 
@@ -187,7 +193,7 @@ def test_step_trains(impl):
         # the trainer's builders are used when they are there
         assert runner.setup.startswith("trainer"), runner.setup
         # the fused-AdamW switch finds the inner torch optimizers (used on CUDA only)
-        assert bench_step._make_fused(runner.opt)
+        assert bench_step.use_fused_adam(runner.opt)
         for o in getattr(runner.opt, "chained_optimizers", [runner.opt]):
             assert all(g["fused"] for g in o.optimizer.param_groups)
             for g in o.optimizer.param_groups:
@@ -230,3 +236,19 @@ def test_recompute_modes_switch(monkeypatch):
         assert vis and llm
         assert all(vis) == (mode != "none") and not any(vis) == (mode == "none")
         assert all(llm) == (mode == "full") and not any(llm) == (mode != "full")
+
+
+def test_trainer_flops_are_the_benchmark_flops():
+    from megatron_longvila.training.metrics import micro_batch_flops
+    cfg = _cfg()
+    T = cfg.tokens_per_frame
+    tokens = torch.cat([torch.arange(2), torch.full((2 * T,), IMAGE_TOKEN_INDEX), torch.arange(3),
+                        torch.arange(4)])[None]
+    labels = torch.full_like(tokens, IGNORE_INDEX)
+    labels[0, -5:-2] = 1
+    n = tokens.shape[1]
+    batch = {"tokens": tokens, "labels": labels, "cu_seqlens": torch.tensor([0, n - 4, n]),
+             "frames": torch.zeros(2, 3, cfg.vision.image_size, cfg.vision.image_size)}
+    got = micro_batch_flops(cfg, batch, ("vision", "projector", "llm"))
+    want = flops.step_flops(cfg, [n - 4, 4], n_frames=2, labelled_tokens=3)["total"]
+    assert got == want

@@ -54,8 +54,22 @@ def causal_attention_flops_fwd(seq_lens: Iterable[int], heads: int, head_dim: in
     return 2 * 2 * pairs * head_dim * heads * layers
 
 
+def backward_multipliers(trainable: Iterable[str]) -> Dict[str, float]:
+    """Forward + backward as a multiple of the forward, per part, for the trained parts.
+
+    A trained part: 3x (activation and weight gradients). A frozen part that still passes
+    gradients to a trained part before it: 2x (activation gradients only). Otherwise 1x.
+    Order of the model: vision tower -> projector -> language model.
+    """
+    t = set(trainable)
+    return {"llm": 3.0 if "llm" in t else (2.0 if t & {"vision", "projector"} else 1.0),
+            "projector": 3.0 if "projector" in t else (2.0 if "vision" in t else 1.0),
+            "vision": 3.0 if "vision" in t else 1.0}
+
+
 def step_flops(cfg, seq_lens: Iterable[int], n_frames: int, train_vision: bool = True,
-               labelled_tokens: Optional[int] = None) -> Dict[str, float]:
+               labelled_tokens: Optional[int] = None,
+               trainable: Optional[Iterable[str]] = None) -> Dict[str, float]:
     """Model FLOPs of one training step on a packed row.
 
     ``seq_lens``: sub-sequence lengths of the row (they sum to its length);
@@ -64,7 +78,13 @@ def step_flops(cfg, seq_lens: Iterable[int], n_frames: int, train_vision: bool =
     ``labelled_tokens``: positions with a label. The model computes the output layer only
     there (``LongVILAModel._output_losses_on_labelled``), so lm_head work is counted for them
     alone; ``None`` counts every position (a model that computes all logits).
+    ``trainable``: the parts that train (``vision``, ``projector``, ``llm``), for the
+    backward multipliers of :func:`backward_multipliers`; ``None`` means all of them, or the
+    language model and projector only when ``train_vision=False``.
     """
+    if trainable is None:
+        trainable = ("vision", "projector", "llm") if train_vision else ("projector", "llm")
+    mult = backward_multipliers(trainable)
     seq_lens = [int(s) for s in seq_lens]
     S = sum(seq_lens)
     head_tokens = S if labelled_tokens is None else int(labelled_tokens)
@@ -83,7 +103,8 @@ def step_flops(cfg, seq_lens: Iterable[int], n_frames: int, train_vision: bool =
         "patch_embed": n_frames * 2 * P * (v.num_channels * v.patch_size ** 2) * v.hidden_size,
         "projector": n_frames * projector_matmul_flops_fwd(cfg),
     }
-    out = {k: 3.0 * x for k, x in fwd.items()}
-    out.update({k: (3.0 if train_vision else 1.0) * x for k, x in vis.items()})
+    out = {k: mult["llm"] * x for k, x in fwd.items()}
+    out.update({k: mult["projector" if k == "projector" else "vision"] * x
+                for k, x in vis.items()})
     out["total"] = sum(out.values())
     return out

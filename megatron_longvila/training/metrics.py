@@ -7,6 +7,9 @@ from typing import Dict, Optional
 
 import torch
 
+from ..constants import IGNORE_INDEX
+from .flops import step_flops
+
 # Dense bf16 peak per GPU (TFLOP/s), by substring of torch.cuda.get_device_name().
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0,
                "L40S": 362.0, "B200": 2250.0, "GB200": 2500.0}
@@ -24,44 +27,16 @@ def device_peak_tflops(override: Optional[float] = None) -> Optional[float]:
     return None
 
 
-def _matmul_params_llm(cfg) -> int:
-    """Weights that multiply every token in the language model (no embedding lookup)."""
-    h, f, L = cfg.hidden_size, cfg.ffn_hidden_size, cfg.num_layers
-    kv = cfg.kv_channels * cfg.num_query_groups
-    per_layer = h * h + 2 * h * kv + h * h + 3 * h * f  # q, k, v, proj, gate/up/down
-    return L * per_layer + h * cfg.vocab_size  # + output layer
-
-
-def _matmul_params_vision(cfg) -> int:
-    h, f, L = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
-    return L * (4 * h * h + 2 * h * f) + cfg.num_channels * cfg.patch_size ** 2 * h
-
-
 def micro_batch_flops(model_cfg, batch: Dict, trainable) -> float:
-    """Model FLOPs (forward + backward) of one micro-batch, as MFU counts them.
-
-    Forward = 2 x matmul weights x tokens + attention (causal within each packed sample).
-    Backward = 2x forward for a trained part (activation + weight gradients), 1x forward for a
-    frozen part that still passes gradients to a trained part upstream of it, 0 otherwise.
-    """
-    llm, vis = model_cfg.llm, model_cfg.vision
-    cu = batch["cu_seqlens"].long()
-    lens = (cu[1:] - cu[:-1]).double()
-    tokens = float(batch["tokens"].numel())
-    # causal attention: QK^T and AV, each 2*L^2*d/2 flops per layer (half the square)
-    attn = 2.0 * float((lens * lens).sum()) * llm.hidden_size * llm.num_layers
-    llm_fwd = 2.0 * _matmul_params_llm(llm) * tokens + attn
-    n_frames = int(batch["frames"].shape[0]) if batch.get("frames") is not None else 0
-    layers_used = model_cfg.vision_layers_used
-    p = vis.num_patches
-    vis_fwd = n_frames * (2.0 * _matmul_params_vision(vis) * layers_used / max(vis.num_layers, 1) * p
-                          + 4.0 * p * p * vis.hidden_size * layers_used)
-    proj_fwd = n_frames * 2.0 * p * (4 * vis.hidden_size * llm.hidden_size + llm.hidden_size ** 2)
-    t = set(trainable)
-    llm_mult = 3.0 if "llm" in t else (2.0 if t & {"vision", "projector"} else 1.0)
-    proj_mult = 3.0 if "projector" in t else (2.0 if "vision" in t else 1.0)
-    vis_mult = 3.0 if "vision" in t else 1.0
-    return llm_fwd * llm_mult + proj_fwd * proj_mult + vis_fwd * vis_mult
+    """Model FLOPs (forward + backward) of one micro-batch: :func:`flops.step_flops` on its
+    packed samples, its frames and its labelled positions."""
+    cu = batch["cu_seqlens"].long().tolist()
+    lens = [e - s for s, e in zip(cu[:-1], cu[1:])]
+    frames = batch.get("frames")
+    n_frames = int(frames.shape[0]) if frames is not None else 0
+    labelled = int((batch["labels"] != IGNORE_INDEX).sum())
+    return step_flops(model_cfg, lens, n_frames, labelled_tokens=labelled,
+                      trainable=trainable)["total"]
 
 
 class MetricsWriter:

@@ -126,6 +126,21 @@ def build_model(args):
     return ddp, model
 
 
+def use_fused_adam(optimizer) -> bool:
+    """Megatron-Core without TE/apex steps with torch.optim.Adam(W) in its default (foreach)
+    implementation; switch the inner torch optimizers to torch's fused CUDA kernel (the same
+    update in one launch per parameter group). Returns whether any optimizer was switched."""
+    inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    switched = False
+    for o in inner:
+        if isinstance(o, torch.optim.Optimizer) and "fused" in o.defaults:
+            o.defaults["fused"], o.defaults["foreach"] = True, False
+            for g in o.param_groups:
+                g["fused"], g["foreach"] = True, False
+            switched = True
+    return switched
+
+
 def build_optimizer(args, ddp):
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -136,6 +151,8 @@ def build_optimizer(args, ddp):
         params_dtype=model_dtype(args), use_distributed_optimizer=args.use_distributed_optimizer,
         loss_scale=None, initial_loss_scale=2 ** 16, hysteresis=2)
     optimizer = get_megatron_optimizer(oc, [ddp])
+    if torch.cuda.is_available():
+        use_fused_adam(optimizer)
     gbs = args.global_batch_size
     wsd = args.lr_wsd_decay_iters
     scheduler = OptimizerParamScheduler(

@@ -48,6 +48,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(_HERE, "..", "..")))
 sys.path.insert(0, _HERE)
 
 from megatron_longvila.training.flops import step_flops  # noqa: E402
+from megatron_longvila.training.train import use_fused_adam  # noqa: E402
 from megatron_longvila.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 
 MODES = ("none", "vision", "full")
@@ -150,7 +151,7 @@ class Ours:
             built = self._build_here(cfg, device, dtype, grad_fp32, lr)
         self.model, self.ddp, self.opt, self.optimizer = built
         model = self.model
-        self.fused = fused_adam and device.type == "cuda" and _make_fused(self.opt)
+        self.fused = fused_adam and device.type == "cuda" and use_fused_adam(self.opt)
         self.device = device
         self.n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
 
@@ -253,20 +254,6 @@ class MasterAdamW:
         self.opt.step()
         with torch.no_grad():
             torch._foreach_copy_(self.params, self.master)
-
-
-def _make_fused(opt):
-    """Megatron-Core without TE/apex uses torch.optim.Adam(W) with its default (foreach)
-    implementation; switch the inner torch optimizers to the fused CUDA kernel."""
-    inner = [o.optimizer for o in getattr(opt, "chained_optimizers", [opt])]
-    ok = False
-    for o in inner:
-        if isinstance(o, torch.optim.Optimizer) and "fused" in o.defaults:
-            o.defaults["fused"], o.defaults["foreach"] = True, False
-            for g in o.param_groups:
-                g["fused"], g["foreach"] = True, False
-            ok = True
-    return ok
 
 
 # ------------------------------------------------------------------ the Hugging Face reference
