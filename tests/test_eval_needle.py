@@ -209,3 +209,37 @@ def test_needle_dataset_keeps_every_frame(tmp_path):
             seen += 1
     loader.close()
     assert seen == 6
+
+
+def _generate_worker(rank, world, argv):
+    import contextlib
+    import io
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("generate", os.path.join(root, "tools", "generate.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        mod.main(argv)
+    return buf.getvalue()
+
+
+def test_generate_cli_sp2_like_sp1(ckpt):
+    """tools/generate.py on a saved checkpoint, a video and an image: greedy and sampled
+    answers at SP=2 equal SP=1's (rank 0 prints, rank 1 stays quiet)."""
+    d, path, needles = ckpt
+    from modelutil import init_single_process
+    init_single_process()
+    base = ["--load", path, "--video", str(d / "eval" / "haystack.mp4"), "--num-frames", "5",
+            "--image", str(d / "eval" / "needles" / "red_0.png"),
+            "--prompt", "What colour is the square?", "--max-new-tokens", "6", "--json"]
+    runs = [base, base + ["--do-sample", "--temperature", "1.5", "--sample-seed", "3"]]
+    ref = [json.loads(_generate_worker(0, 1, a)) for a in runs]
+    assert ref[0]["frames"] == 6 and ref[0]["token_ids"] and ref[0]["token_ids"] != ref[1]["token_ids"]
+    for a, want in zip(runs, ref):
+        out = run_distributed(_generate_worker, 2, a)
+        assert out[1] == ""
+        got = json.loads(out[0])
+        assert got["ranks"] == 2
+        assert (got["answer"], got["token_ids"]) == (want["answer"], want["token_ids"])
