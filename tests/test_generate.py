@@ -1,7 +1,6 @@
 """Generation: prompts equal training tokens; MM-SP (SP=2, gloo) decodes exactly like SP=1 on
 the same weights (greedy and sampled), and its last-token logits equal the SP=1 forward's."""
 
-import numpy as np
 import pytest
 import torch
 

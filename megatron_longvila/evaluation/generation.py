@@ -12,13 +12,11 @@ the same token (greedy, or sampling from an identically seeded generator).
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 
 from ..constants import IMAGE_TOKEN_INDEX
 
