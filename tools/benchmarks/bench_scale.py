@@ -45,7 +45,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 NVLS_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
@@ -204,13 +203,15 @@ class Worker:
                 L0, t0 = self.last[key]
                 est = t0 * (item["tokens"] / L0) ** (2.0 if item["kind"] == "attention" else 1.5)
             go = True
-            if self.rank == 0 and est is not None and time.time() + est > item["deadline"]:
+            if self.rank == 0 and (time.time() > item["deadline"] or (
+                    est is not None and time.time() + est > item["deadline"])):
                 go = False
             go = self._bcast(go)
             base = dict(kind=item["kind"], layout=lay["name"], family=lay["family"],
                         U=lay["U"], R=lay["R"], tokens=item["tokens"], item=item["id"])
             if not go:
-                self._emit(dict(base, status=f"skipped: budget (needs ~{est:.0f} s)"))
+                why = f"needs ~{est:.0f} s" if est is not None else "the layout's share is spent"
+                self._emit(dict(base, status=f"skipped: budget ({why})"))
                 continue
             t = time.time()
             try:
@@ -222,7 +223,8 @@ class Worker:
                 print(f"[rank {self.rank}] item {item['id']} failed: {status}", flush=True)
                 sys.stdout.flush()
                 os._exit(3)
-            self.last[key] = (item["tokens"], time.time() - t)
+            # one-time set-up (groups, model build) does not scale with the length
+            self.last[key] = (item["tokens"], time.time() - t - row.get("setup_s", 0.0))
             self._emit(dict(base, **dict(dict(wall_s=time.time() - t), **row)))
         self._sync()
 
@@ -249,7 +251,9 @@ class Worker:
         from megatron_longvila.parallel.attention import attention_2d
         from megatron_longvila.parallel.groups import get_mmsp_groups
         from megatron_longvila.parallel.layout import SequenceLayout
+        t_setup = time.time()
         self._setup(lay, need_model=False)
+        t_setup = time.time() - t_setup
         _fake_oom(lay, "attention", item["tokens"])
         p = self.plan
         h, g, d, S = p["heads"], p["kv_heads"], p["head_dim"], item["tokens"]
@@ -279,17 +283,18 @@ class Worker:
         tf = self._max(timeit(f, iters, self.device))
         self._sync()
         tfb = self._max(timeit(fb, iters, self.device))
-        row = dict(status="ok", iters=iters, local_tokens=n, fwd_ms=tf * 1e3,
+        row = dict(status="ok", iters=iters, local_tokens=n, setup_s=t_setup, fwd_ms=tf * 1e3,
                    fwd_tflops_per_gpu=per_gpu / tf / 1e12, fwdbwd_ms=tfb * 1e3,
                    fwdbwd_tflops_per_gpu=3.5 * per_gpu / tfb / 1e12)
-        del q, k, v, do
         return row
 
     def do_step(self, item, lay, ladder=False):
         from megatron.core.pipeline_parallel import get_forward_backward_func
         from megatron_longvila.training.flops import step_flops
         from megatron_longvila.training.train import _make_forward_step
+        t_setup = time.time()
         self._setup(lay, need_model=True)
+        t_setup = time.time() - t_setup
         _, ddp, model, opt, args = self.built
         p = self.plan
         cfg = args.model_config
@@ -329,7 +334,7 @@ class Worker:
         import torch.distributed as dist
         dist.all_reduce(tot)
         fl = step_flops(cfg, b["seg_lens"], b["n_frames"], labelled_tokens=b["n_valid"])
-        row = dict(status="ok", steps=len(times), frames=b["n_frames"],
+        row = dict(status="ok", steps=len(times), setup_s=t_setup, frames=b["n_frames"],
                    samples=sum(1 for x in b["frames_per_sample"] if x > 0), step_s=dt,
                    tokens_per_s=L / dt, tokens_per_s_per_gpu=L / dt / self.world,
                    model_tflop_per_step=fl["total"] / 1e12,
@@ -339,7 +344,7 @@ class Worker:
             row["peak_mem_gib"] = self._max(torch.cuda.max_memory_allocated() / 2 ** 30)
         if not math.isfinite(row["loss"]):
             row["status"] = "non-finite loss"
-        del batch, b
+        batch = b = None  # free the row before the next item
         free(self.device)
         return row
 
