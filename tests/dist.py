@@ -7,7 +7,9 @@ by our own test code). An exception in any rank fails the caller with that rank'
 """
 
 import os
+import shutil
 import socket
+import tempfile
 import traceback
 
 import torch
@@ -21,12 +23,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _worker(rank, world_size, port, fn, args, queue, collected):
+def _worker(rank, world_size, port, store_file, fn, args, queue, collected):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size)
+        # A file store, not a TCP port: a port picked free here can be taken by another
+        # suite before rank 0 binds it when many run at once.
+        dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank,
+                                world_size=world_size)
         out = fn(rank, world_size, *args)
         queue.put((rank, "ok", out))
         # Tensors on the queue travel as shared-memory file descriptors, which vanish if this
@@ -49,7 +54,10 @@ def run_distributed(fn, world_size, *args, timeout=600):
     queue = ctx.Queue()
     collected = ctx.Event()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, queue, collected))
+    store_dir = tempfile.mkdtemp(prefix="longvila_dist_")
+    store_file = os.path.join(store_dir, "store")
+    procs = [ctx.Process(target=_worker,
+                         args=(r, world_size, port, store_file, fn, args, queue, collected))
              for r in range(world_size)]
     for p in procs:
         p.start()
@@ -68,6 +76,7 @@ def run_distributed(fn, world_size, *args, timeout=600):
             p.join(timeout=5 if errors else timeout)
             if p.is_alive():
                 p.terminate()
+        shutil.rmtree(store_dir, ignore_errors=True)
     if errors:
         raise AssertionError("distributed run failed\n" + "\n".join(errors))
     return [results[r] for r in range(world_size)]
