@@ -130,7 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-model", default=None,
                    help="'tiny', an HF tokenizer directory or a sentencepiece model "
                         "(default: tiny for the tiny model)")
-    g.add_argument("--chat-template", choices=("qwen2", "llama3"), default=None)
+    g.add_argument("--chat-template", choices=("qwen2", "llama3", "auto", "llama_3", "hermes-2"),
+                   default=None, help="auto: the tokenizer's own template as VILA applies it "
+                   "(default when the tokenizer has one); llama_3 / hermes-2: VILA's conversation "
+                   "modes; qwen2 / llama3: built-in piecewise templates")
     g.add_argument("--num-workers", type=int, default=2)
     g.add_argument("--num-frames", type=int, default=None,
                    help="use at most this many frames per video")

@@ -2,11 +2,18 @@
 
 API (what the trainer, the demo and the tests call)
 ---------------------------------------------------
-build_tokenizer(name_or_path, template=None, system_prompt="You are a helpful assistant.")
+build_tokenizer(name_or_path, template=None, system_prompt=<the format's default>)
     -> ChatTokenizer. "tiny" (in-process byte-level, ids < 512, qwen2 ChatML template), an HF
-    tokenizer directory (local files only; template "qwen2" | "llama3", guessed from the vocab
-    when None) or a sentencepiece ``.model`` file. Attributes: pad_id, eos_id, vocab_size,
-    template, hf (the transformers tokenizer or None).
+    tokenizer directory (local files only; template "auto" when it carries a chat template,
+    else "qwen2" | "llama3" guessed from the vocab) or a sentencepiece ``.model`` file.
+    Templates: "auto" (the tokenizer's own, as VILA applies it), "llama_3" / "hermes-2"
+    (VILA's conversation modes), "qwen2" / "llama3" (built-in, piecewise). Attributes: pad_id,
+    eos_id, vocab_size, chat_format, template, hf (the transformers tokenizer or None).
+encode_chat(tokenizer, conversation, num_frames=0, add_generation_prompt=False,
+            media_layout="train") -> (ids, targets)
+    A conversation as VILA formats it (ids with one IMAGE_TOKEN_INDEX per frame; targets = the
+    tokens trained on). vila_prompt_ids(tokenizer, question, num_frames, history=None,
+    media_layout="generate") -> the inference prompt as VILA builds it; stop_token_ids(tok).
 
 build_train_loader(data_paths, tokenizer, seq_length, micro_batch_size=1, tokens_per_frame=1,
                    image_size=384, dp_rank=0, dp_size=1, seed=1234, num_workers=2,
@@ -60,7 +67,8 @@ from .packing import build_micro_batch, expand_sample
 from .preprocess import PreprocessConfig, PreprocessSummary, preprocess
 from .synthetic import make_synthetic_dataset, make_synthetic_videos
 from .task_encoder import EncodedSample, SampleError, TaskEncoder
-from .tokenizer import TEMPLATES, ChatTokenizer, build_tokenizer, make_tiny_hf_tokenizer
+from .tokenizer import (TEMPLATES, ChatTokenizer, build_tokenizer, encode_chat,
+                        make_tiny_hf_tokenizer, stop_token_ids, vila_prompt_ids)
 from .video import MediaError, decode_video, resize_frame
 
 __all__ = [
@@ -68,5 +76,5 @@ __all__ = [
     "preprocess", "PreprocessConfig", "PreprocessSummary", "LongVILALoader", "ChatTokenizer",
     "TaskEncoder", "EncodedSample", "SampleError", "MediaError", "TEMPLATES", "decode_video",
     "resize_frame", "build_micro_batch", "expand_sample", "parse_data_paths", "read_dataset",
-    "make_tiny_hf_tokenizer",
+    "make_tiny_hf_tokenizer", "encode_chat", "vila_prompt_ids", "stop_token_ids",
 ]

@@ -1,8 +1,9 @@
 """Task encoder: one shard sample -> token ids (one IMAGE_TOKEN_INDEX per frame) + target mask.
 
-A ``<video>`` marker becomes ``<image>\\n`` once per frame (VILA); a sample with frames but no
-marker gets them in front of its first user turn; each ``<image>`` becomes one
-IMAGE_TOKEN_INDEX. Targets (``True``) are the assistant answers and their end-of-turn token.
+The conversation is formatted by ``tokenizer.encode_chat`` (VILA's formats: media markers
+placed as VILA's datasets place them; the built-in templates: a ``<video>`` marker becomes
+``<image>\\n`` once per frame). Targets (``True``) are the assistant answers and their
+end-of-turn token.
 Frames stay encoded (JPEG/PNG bytes) until a micro-batch is assembled.
 
 Only JSON, text and JPEG/PNG are decoded here: nothing in a shard is unpickled.
@@ -19,8 +20,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..constants import DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN, IMAGE_TOKEN_INDEX
-from .tokenizer import ChatTokenizer
+from .image_transform import normalize_frames  # noqa: F401  (re-exported)
+from .tokenizer import ChatTokenizer, encode_chat
 
 IMAGE_EXTS = ("jpg", "jpeg", "png")
 
@@ -63,66 +64,12 @@ class TaskEncoder:
     # -- conversation -> ids
     def encode_conversation(self, conversations: List[Dict[str, str]], num_frames: int
                             ) -> Tuple[List[int], List[bool]]:
-        tpl = self.tok.template
-        convs = [dict(t) for t in conversations]
-        n_markers = sum(t["value"].count(DEFAULT_VIDEO_TOKEN) + t["value"].count(DEFAULT_IMAGE_TOKEN)
-                        for t in convs)
-        if num_frames and n_markers == 0:
-            first_user = next((t for t in convs if t["from"] in ("human", "user")), None)
-            if first_user is None:
-                raise SampleError("sample has frames but no user turn to put them in")
-            first_user["value"] = DEFAULT_VIDEO_TOKEN + "\n" + first_user["value"]
-        frame_text = (DEFAULT_IMAGE_TOKEN + "\n") * num_frames
-        for t in convs:
-            v = t["value"]
-            if DEFAULT_VIDEO_TOKEN in v:
-                # "<video>\n" -> "<image>\n" * F (do not leave a doubled newline).
-                v = v.replace(DEFAULT_VIDEO_TOKEN + "\n", frame_text).replace(DEFAULT_VIDEO_TOKEN, frame_text)
-            elif DEFAULT_IMAGE_TOKEN in v and num_frames != 1:
-                v = v.replace(DEFAULT_IMAGE_TOKEN + "\n", frame_text).replace(DEFAULT_IMAGE_TOKEN, frame_text)
-            t["value"] = v
-        ids: List[int] = []
-        tgt: List[bool] = []
-
-        def add(piece_ids, target):
-            ids.extend(piece_ids)
-            tgt.extend([target] * len(piece_ids))
-
-        add(self.tok.encode_template(tpl.prefix), False)
-        start = 0
-        if convs and convs[0]["from"] == "system":
-            system, start = convs[0]["value"], 1
-        else:
-            system = self.tok.system_prompt
-        if system is not None:
-            pre, post = tpl.system.split("{content}")
-            add(self.tok.encode_template(pre), False)
-            add(self.tok.encode_text(system), False)
-            add(self.tok.encode_template(post), False)
-        upre, upost = tpl.user.split("{content}")
-        for t in convs[start:]:
-            if t["from"] == "system":
-                raise SampleError("a system turn after the first turn")
-            if t["from"] in ("human", "user"):
-                add(self.tok.encode_template(upre), False)
-                self._add_content(t["value"], add)
-                add(self.tok.encode_template(upost), False)
-            else:
-                add(self.tok.encode_template(tpl.assistant_header), False)
-                add(self.tok.encode_text(t["value"]), True)
-                add(self.tok.encode_template(tpl.assistant_end), True)
-                add(self.tok.encode_template(tpl.after_assistant), False)
-        n_img = sum(1 for i in ids if i == IMAGE_TOKEN_INDEX)
-        if n_img != num_frames:
-            raise SampleError(f"{n_img} image markers for {num_frames} frames")
-        return ids, tgt
-
-    def _add_content(self, text: str, add):
-        parts = text.split(DEFAULT_IMAGE_TOKEN)
-        for i, part in enumerate(parts):
-            if i:
-                add([IMAGE_TOKEN_INDEX], False)
-            add(self.tok.encode_text(part), False)
+        """Token ids (one IMAGE_TOKEN_INDEX per frame) and targets, in the tokenizer's chat
+        format (``tokenizer.encode_chat``: VILA's formats or the built-in templates)."""
+        try:
+            return encode_chat(self.tok, conversations, num_frames)
+        except ValueError as e:
+            raise SampleError(str(e)) from e
 
     # -- shard sample -> EncodedSample
     def encode_sample(self, raw: Dict[str, Any], dataset: int = 0) -> EncodedSample:
@@ -181,16 +128,3 @@ def decode_frame_uint8(data: bytes, image_size: Optional[int], where: str = "") 
             return np.asarray(im, dtype=np.uint8)
     except Exception as e:  # noqa: BLE001
         raise SampleError(f"{where}: undecodable frame ({type(e).__name__}: {e})") from e
-
-
-# (x/255 - 0.5) / 0.5 for every byte value, computed in float32 like the formula itself.
-_SIGLIP_LUT = ((np.arange(256, dtype=np.float32) / np.float32(255.0) - np.float32(0.5))
-               / np.float32(0.5)).astype(np.float32)
-
-
-def normalize_frames(frames_u8: "torch.Tensor") -> "torch.Tensor":
-    """uint8 [F, 3, H, W] -> float32 [F, 3, H, W], SigLIP normalisation ((x/255 - 0.5) / 0.5)
-    (a 256-entry table: exact and several times faster than the arithmetic on CPU)."""
-    if frames_u8.dtype != torch.uint8:
-        raise TypeError(f"expected uint8 frames, got {frames_u8.dtype}")
-    return torch.from_numpy(_SIGLIP_LUT[frames_u8.contiguous().numpy()])
