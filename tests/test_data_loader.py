@@ -89,7 +89,7 @@ def segments(batch):
 def ds(tmp_path_factory):
     root = tmp_path_factory.mktemp("ds")
     path = make_synthetic_dataset(str(root), num_videos=16, num_frames=NF, image_size=SIZE,
-                                  seed=5, shard_max_samples=3)
+                                  seed=5, shard_max_samples=3, resize_mode="crop")
     ann = json.load(open(os.path.join(str(root), "raw", "annotations.json")))
     return path, os.path.join(str(root), "raw"), ann
 
@@ -98,7 +98,8 @@ def ds(tmp_path_factory):
 def ds_png(tmp_path_factory):
     root = tmp_path_factory.mktemp("dspng")
     path = make_synthetic_dataset(str(root), num_videos=6, num_frames=3, image_size=SIZE,
-                                  seed=9, shard_max_samples=2, image_format="png")
+                                  seed=9, shard_max_samples=2, image_format="png",
+                                  resize_mode="crop")
     return path, os.path.join(str(root), "raw"), json.load(open(os.path.join(str(root), "raw", "annotations.json")))
 
 

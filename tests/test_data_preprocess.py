@@ -65,7 +65,7 @@ def test_frames_equal_direct_pyav_decode(raw_videos, tmp_path, fmt):
     n = 5
     out = str(tmp_path / "wds")
     summary = preprocess(ann, out, num_frames=n, image_size=SIZE, image_format=fmt,
-                         shard_max_samples=2, num_workers=2, progress=False)
+                         shard_max_samples=2, num_workers=2, progress=False, resize_mode="crop")
     entries = json.load(open(ann))
     assert summary.written == len(entries) and not summary.skipped
     assert summary.frames == n * len(entries)
@@ -138,7 +138,7 @@ def test_fps_sampling_segments_and_images(raw_videos, tmp_path):
     a2.write_text("\n".join(json.dumps(x) for x in [e0, e_img]) + "\n")
     out = str(tmp_path / "wds")
     s = preprocess(str(a2), out, media_root=raw, fps=4, max_frames=100, image_size=SIZE,
-                   image_format="png", progress=False)
+                   image_format="png", progress=False, resize_mode="crop")
     assert s.written == 2, s.skipped
     samples = read_tar_samples(out)
     m0 = json.loads(samples["s00000000"]["json"])

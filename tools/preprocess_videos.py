@@ -29,7 +29,8 @@ def main(argv=None):
     p.add_argument("--fps", type=float, default=None, help="sample at this rate instead of --num-frames")
     p.add_argument("--max-frames", type=int, default=None, help="cap on frames (with --fps)")
     p.add_argument("--image-size", type=int, default=384, help="square size of the vision encoder")
-    p.add_argument("--resize-mode", choices=["crop", "resize", "pad"], default="crop")
+    p.add_argument("--resize-mode", choices=["crop", "resize", "pad"], default="resize",
+                   help="resize (default: VILA's for SigLIP towers), pad, or crop")
     p.add_argument("--image-format", choices=["jpg", "png"], default="jpg")
     p.add_argument("--jpeg-quality", type=int, default=95)
     p.add_argument("--shard-max-bytes", type=float, default=1 << 30)

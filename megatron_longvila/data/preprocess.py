@@ -54,7 +54,7 @@ class PreprocessConfig:
     fps: Optional[float] = None  # sample at this rate instead of num_frames...
     max_frames: Optional[int] = None  # ...capped at this many frames
     image_size: int = 384
-    resize_mode: str = "crop"
+    resize_mode: str = "resize"  # VILA's for SigLIP (image_aspect_ratio: resize)
     image_format: str = "jpg"  # jpg or png (png is lossless)
     jpeg_quality: int = 95
     shard_max_bytes: int = 1 << 30

@@ -115,7 +115,8 @@ def make_synthetic_videos(out_dir: str, num_videos: int = 8, frames_per_video: i
 def make_synthetic_dataset(out_dir: str, num_videos: int = 16, num_frames: int = 4,
                            image_size: int = 32, seed: int = 0, num_text_only: int = 0,
                            shard_max_samples: int = 4, image_format: str = "jpg",
-                           num_workers: int = 1, frames_per_video: int = 12) -> str:
+                           num_workers: int = 1, frames_per_video: int = 12,
+                           resize_mode: str = "resize") -> str:
     """Synthetic mp4s -> shards through the real preprocessing; returns the shard directory."""
     from .preprocess import preprocess
     raw = os.path.join(out_dir, "raw")
@@ -125,7 +126,8 @@ def make_synthetic_dataset(out_dir: str, num_videos: int = 16, num_frames: int =
     wds_dir = os.path.join(out_dir, "wds")
     summary = preprocess(ann, wds_dir, num_frames=num_frames, image_size=image_size,
                          shard_max_samples=shard_max_samples, image_format=image_format,
-                         num_workers=num_workers, progress=False, overwrite=True)
+                         num_workers=num_workers, progress=False, overwrite=True,
+                         resize_mode=resize_mode)
     if summary.skipped:
         raise RuntimeError(f"synthetic preprocessing skipped samples: {summary.skipped}")
     return wds_dir

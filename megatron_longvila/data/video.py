@@ -216,8 +216,9 @@ def load_image(path: str) -> np.ndarray:
         raise MediaError(f"unreadable image {path}: {type(e).__name__}: {e}") from e
 
 
-def resize_frame(frame: np.ndarray, size: int, mode: str = "crop") -> np.ndarray:
-    """RGB uint8 ``[H, W, 3]`` -> ``[size, size, 3]``.
+def resize_frame(frame: np.ndarray, size: int, mode: str = "resize") -> np.ndarray:
+    """RGB uint8 ``[H, W, 3]`` -> ``[size, size, 3]``. The default is VILA's for SigLIP towers
+    (``image_aspect_ratio: resize``; see ``data/image_transform.py``).
 
     crop: scale the shorter side to ``size`` (bicubic), centre crop. resize: scale straight to
     ``size`` x ``size``. pad: pad to a square with grey (127) around the centre, then scale.
