@@ -24,7 +24,8 @@ setup(
         "psutil",  # megatron-core dist checkpointing's writer hangs on the CPU without it
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "matplotlib", "megatron-energon"],
+        "test": ["pytest>=7", "pytest-timeout", "matplotlib", "megatron-energon", "pyarrow"],
+        "text": ["pyarrow"],  # parquet text corpora
         "energon": ["megatron-energon"],
         "eval": ["matplotlib"],
         "gpu": ["transformer-engine[pytorch]", "apex", "flash-attn"],

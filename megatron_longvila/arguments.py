@@ -11,6 +11,7 @@ import argparse
 import os
 from typing import List, Optional
 
+from .data.text import is_text_source
 from .parallel.groups import add_mmsp_arguments, resolve_mmsp_arguments
 
 STAGES = ("align", "pretrain", "sft", "context-extension", "long-sft")
@@ -124,8 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
-                   help="WebDataset shard directories (Megatron-style weights allowed: "
-                        "W1 DIR1 W2 DIR2). None: synthetic videos made on the fly")
+                   help="WebDataset shard directories and text corpora (.jsonl/.json/.parquet "
+                        "with a 'text' field, Megatron indexed PREFIX.bin/.idx), Megatron-style "
+                        "weights allowed: W1 PATH1 W2 PATH2. None: synthetic videos made on the fly")
     g.add_argument("--valid-data-path", nargs="+", default=None)
     g.add_argument("--tokenizer-model", default=None,
                    help="'tiny', an HF tokenizer directory or a sentencepiece model "
@@ -290,8 +292,9 @@ def validate_args(args, world_size: int):
         for item in paths:
             if _is_number(item):
                 continue
-            if not os.path.isdir(item):
-                _err(f"--{flag.replace('_', '-')} {item}: no such directory")
+            if not (os.path.isdir(item) or is_text_source(item)):
+                _err(f"--{flag.replace('_', '-')} {item}: no such shard directory, text corpus "
+                     f"(.jsonl/.json/.parquet) or Megatron indexed dataset (PREFIX.bin/.idx)")
     if args.tokenizer_model is None:
         if args.model != "tiny" and args.data_path:
             _err(f"--tokenizer-model is required for model {args.model!r}")

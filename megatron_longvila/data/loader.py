@@ -30,6 +30,7 @@ import torch
 
 from .packing import build_micro_batch
 from .task_encoder import EncodedSample, SampleError, TaskEncoder
+from .text import TextChunk, TextCursor, TextSpec, is_text_source
 from .tokenizer import ChatTokenizer, build_tokenizer
 
 STATE_KEY = "_longvila_loader_state"
@@ -42,6 +43,7 @@ class DatasetSpec:
     path: str
     weight: float
     shards: List[Tuple[str, int]]  # (full path, sample count)
+    kind = "webdataset"
 
     @property
     def total(self) -> int:
@@ -50,8 +52,11 @@ class DatasetSpec:
 
 def read_dataset(path: str, weight: float = 1.0, split: str = "train") -> DatasetSpec:
     """Shard list and counts of a dataset directory written by ``preprocess`` (or any energon
-    webdataset: ``.nv-meta/.info.json`` / ``.info.yaml`` and ``split.yaml``)."""
+    webdataset: ``.nv-meta/.info.json`` / ``.info.yaml`` and ``split.yaml``); a text corpus
+    (JSONL / parquet / Megatron indexed ``.bin``/``.idx``) -> a ``TextSpec`` (``data/text.py``)."""
     import yaml
+    if is_text_source(path):
+        return TextSpec(str(path), float(weight))
     meta = os.path.join(path, ".nv-meta")
     if not os.path.isdir(meta):
         raise FileNotFoundError(f"{path} is not a prepared dataset (no .nv-meta directory); "
@@ -242,7 +247,8 @@ class _Source:
     def __init__(self, specs, cfg: LoaderConfig, encoder: TaskEncoder, part: int, parts: int,
                  state: Dict[str, Any]):
         self.cfg, self.encoder, self.part = cfg, encoder, part
-        self.cursors = [_Cursor(s, d, cfg, part, parts) for d, s in enumerate(specs)]
+        self.cursors = [(TextCursor if s.kind == "text" else _Cursor)(s, d, cfg, part, parts)
+                        for d, s in enumerate(specs)]
         self.weights = np.array([s.weight for s in specs], dtype=np.float64)
         self.draws = int(state["draws"])
         for c, (e, o) in zip(self.cursors, state["datasets"]):
@@ -280,7 +286,7 @@ class _Source:
                 self.dead.add(d)
                 continue
             self.draws += 1
-            s = self.encoder.encode_sample(raw, d)
+            s = raw if isinstance(raw, TextChunk) else self.encoder.encode_sample(raw, d)
             if s.packed_length(cfg.tokens_per_frame) > cfg.seq_length:
                 sub = None
                 if cfg.drop_or_subsample == "subsample":
@@ -486,7 +492,7 @@ def build_train_loader(data_paths, tokenizer: Union[str, ChatTokenizer], seq_len
                        seed: int = 1234, num_workers: int = 2, num_frames: Optional[int] = None,
                        drop_or_subsample: str = "drop", shuffle: bool = True,
                        shuffle_buffer: int = 64, epochs: Optional[int] = None,
-                       prefetch_factor: int = 2) -> LongVILALoader:
+                       prefetch_factor: int = 2, text_key: str = "text") -> LongVILALoader:
     """See ``megatron_longvila/data/__init__.py``. ``dp_rank=None``/``dp_size=None`` take them
     from Megatron's parallel_state (data-parallel group without context parallelism: TP, PP and
     CP/SP ranks of one DP rank share the batches)."""
@@ -497,6 +503,10 @@ def build_train_loader(data_paths, tokenizer: Union[str, ChatTokenizer], seq_len
     if isinstance(tokenizer, str):
         tokenizer = build_tokenizer(tokenizer)
     specs = [read_dataset(p, w) for p, w in parse_data_paths(data_paths)]
+    for s in specs:
+        if s.kind == "text":
+            s.text_key = text_key
+            s.prepare(tokenizer, int(seq_length))
     cfg = LoaderConfig(int(seq_length), int(micro_batch_size), int(tokens_per_frame),
                        int(image_size), int(dp_rank), int(dp_size), int(seed), int(num_workers),
                        None if num_frames is None else int(num_frames), drop_or_subsample,

@@ -14,6 +14,7 @@ import torch
 
 from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from .task_encoder import EncodedSample, decode_frame_uint8, normalize_frames
+from .text import TextChunk
 
 
 def expand_sample(s: EncodedSample, tokens_per_frame: int):
@@ -43,6 +44,18 @@ def build_micro_batch(rows: Sequence[Sequence[EncodedSample]], seq_length: int,
     for row in rows:
         used = 0
         for s in row:
+            if isinstance(s, TextChunk):  # a text row: one segment per document piece
+                if used + len(s.tokens) > seq_length:
+                    raise ValueError(f"text chunk {s.key} ({len(s.tokens)} tokens) overflows the row")
+                tokens.append(s.tokens)
+                labels.append(s.labels)
+                for n, k in zip(s.seg_lens, s.seg_keys):
+                    pos.append(np.arange(n, dtype=np.int64))
+                    cu.append(cu[-1] + n)
+                    fps.append(0)
+                    keys.append(k)
+                used += len(s.tokens)
+                continue
             t, l = expand_sample(s, tokens_per_frame)
             if used + len(t) > seq_length:
                 raise ValueError(f"sample {s.key} ({len(t)} tokens) overflows the row")
