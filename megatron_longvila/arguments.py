@@ -179,7 +179,7 @@ def build_model_config(args):
     from .models.config import get_preset
     cfg = None
     if args.load and not args.override_checkpoint_config:
-        from .training.checkpointing import read_checkpoint_config
+        from .checkpoint import read_checkpoint_config
         cfg = read_checkpoint_config(args.load)
     if cfg is None:
         cfg = get_preset(args.model, projector_type=args.projector_type, vision=args.vision_model)
@@ -276,14 +276,14 @@ def validate_args(args, world_size: int):
 
     # paths
     if args.load is not None:
-        from .training.checkpointing import TRACKER_FILE
+        from .checkpoint import TRACKER_FILE
         if not os.path.isdir(args.load):
             _err(f"--load {args.load}: no such directory")
         if not os.path.isfile(os.path.join(args.load, TRACKER_FILE)) and not (
                 args.save and os.path.abspath(args.save) == os.path.abspath(args.load)):
             _err(f"--load {args.load}: no {TRACKER_FILE} there (no completed checkpoint)")
         if args.ckpt_step is not None:
-            from .training.checkpointing import checkpoint_name
+            from .checkpoint import checkpoint_name
             step_dir = os.path.join(args.load, checkpoint_name(args.ckpt_step))
             if not os.path.isfile(os.path.join(step_dir, "metadata.json")):
                 _err(f"--ckpt-step {args.ckpt_step}: no complete checkpoint {step_dir}")

@@ -104,7 +104,7 @@ def assert_same_hf(a, b):
 def megatron_logits(cfg, load_dir, batch, seed=5):
     """A fresh (differently seeded) LongVILAModel loaded from the checkpoint, as the trainer does."""
     from megatron_longvila.models import LongVILAModel
-    from megatron_longvila.training.checkpointing import load_model_weights
+    from megatron_longvila.checkpoint import load_model_weights
     cpu_compat.model_parallel_seed(seed)
     model = LongVILAModel(cfg).eval()
     load_model_weights(model, load_dir)
@@ -172,7 +172,7 @@ def _tp_worker(rank, world, jobs):
     from megatron.core import parallel_state
     from megatron_longvila.models import LongVILAModel
     from megatron_longvila.models.config import LongVILAConfig
-    from megatron_longvila.training.checkpointing import load_model_weights
+    from megatron_longvila.checkpoint import load_model_weights
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=world)
     out = []
     for cfg_dict, d, batch in jobs:
@@ -269,7 +269,7 @@ def test_plain_model_folders_and_fresh_configs(tmp_path, capfd):
 def test_streaming_writer_equals_megatron_save(tmp_path, tied):
     """The streaming writer's checkpoint loads to exactly what Megatron-Core's save gives."""
     from megatron_longvila.models import LongVILAModel
-    from megatron_longvila.training.checkpointing import load_model_weights
+    from megatron_longvila.checkpoint import load_model_weights
     cfg = tiny_config("llama", "mlp_downsample", tied=tied)
     lm, vt, proj = hf_modules(cfg, seed=13)
     hf = write_vila(str(tmp_path / "hf"), cfg, lm, vt, proj)
@@ -293,7 +293,7 @@ def test_sharded_hf_input_and_trainer_saved_checkpoint(tmp_path):
     """A sharded HF llm folder (index.json) converts; a checkpoint the trainer's own
     save_model_checkpoint wrote (iteration 5, no HF assets) converts back to the same tensors."""
     from megatron_longvila.models import LongVILAModel
-    from megatron_longvila.training.checkpointing import load_model_weights, save_model_checkpoint
+    from megatron_longvila.checkpoint import load_model_weights, save_model_checkpoint
     cfg = tiny_config("llama", "mlp_downsample", tied=False)
     lm, vt, proj = hf_modules(cfg, seed=17)
     hf = write_vila(str(tmp_path / "hf"), cfg, lm, vt, proj, tokenizer=False)
@@ -377,3 +377,33 @@ def test_released_vila_config_layout(tmp_path):
     assert err.abs().max().item() < 1e-4
     convert_megatron_to_hf(meg, str(tmp_path / "hf2"), dtype="fp32", progress=False)
     assert_same_hf(hf, str(tmp_path / "hf2"))
+
+
+def _tool(name):
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "tools", name + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def test_default_dtype_is_the_source_s_fp32_round_trip_at_tp2(tmp_path):
+    """Issue 13 item 5: with default flags an fp32 VILA checkpoint converts at TP=2 (the model
+    built and saved by two ranks) and back bit-exactly; the Megatron tensors are fp32."""
+    import torch.distributed.checkpoint as dcp
+    cfg = tiny_config("qwen2", "mlp_downsample", tied=False)
+    lm, vt, proj = hf_modules(cfg, seed=31)
+    hf = write_vila(str(tmp_path / "hf"), cfg, lm, vt, proj)
+    meg, back = str(tmp_path / "meg"), str(tmp_path / "hf2")
+    assert _tool("convert_hf_to_megatron")(
+        ["--hf-path", hf, "--save", meg, "--tensor-model-parallel-size", "2", "--build-model",
+         "--no-progress", "--summary-json", str(tmp_path / "a.json")]) == 0
+    assert _json(str(tmp_path / "a.json"))["dtype"] == "fp32"
+    meta = dcp.FileSystemReader(os.path.join(meg, "release")).read_metadata().state_dict_metadata
+    dtypes = {m.properties.dtype for m in meta.values() if hasattr(m, "properties")}
+    assert dtypes == {torch.float32}
+    assert _tool("convert_megatron_to_hf")(["--load", meg, "--save", back, "--no-progress",
+                                            "--summary-json", str(tmp_path / "b.json")]) == 0
+    assert _json(str(tmp_path / "b.json"))["dtype"] == "fp32"
+    assert_same_hf(hf, back)

@@ -36,7 +36,7 @@ def _load_all(rank, world, dirs):
     from megatron_longvila import cpu_compat
     from megatron_longvila.conversion.tp import full_state_dict
     from megatron_longvila.models import LongVILAModel
-    from megatron_longvila.training.checkpointing import load_model_weights, read_checkpoint_config
+    from megatron_longvila.checkpoint import load_model_weights, read_checkpoint_config
     parallel_state.initialize_model_parallel(1, 1)
     # stage 1 starts from the model-only "release" checkpoint (what the HF converter writes)
     states = []
@@ -100,7 +100,7 @@ def _write_release(rank, world, out_dir):
     from megatron.core import parallel_state
     from megatron_longvila import cpu_compat
     from megatron_longvila.models import LongVILAModel, get_preset
-    from megatron_longvila.training.checkpointing import save_model_checkpoint
+    from megatron_longvila.checkpoint import save_model_checkpoint
     parallel_state.initialize_model_parallel(1, 1)
     cpu_compat.model_parallel_seed(4242)  # not the trainer's seed: stage 1 must load these
     save_model_checkpoint(LongVILAModel(get_preset("tiny")), out_dir)

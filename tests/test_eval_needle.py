@@ -76,7 +76,7 @@ def _save_worker(rank, world, path, seed):
     from megatron_longvila.models import LongVILAModel
     from megatron_longvila.models.config import get_preset
     from megatron_longvila.parallel.groups import initialize_mmsp
-    from megatron_longvila.training.checkpointing import save_model_checkpoint
+    from megatron_longvila.checkpoint import save_model_checkpoint
     initialize_mmsp()
     cpu_compat.model_parallel_seed(seed)
     model = LongVILAModel(get_preset("tiny"))

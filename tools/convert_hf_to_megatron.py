@@ -4,7 +4,7 @@
 
   # a VILA/LongVILA checkpoint (llm/, vision_tower/, mm_projector/, config.json)
   python tools/convert_hf_to_megatron.py --hf-path LongVILA-8B --save ckpt/longvila-8b \
-      --tensor-model-parallel-size 2 --dtype bf16
+      --tensor-model-parallel-size 2
 
   # stage 1: a plain language model + a plain SigLIP tower; the projector starts fresh
   python tools/convert_hf_to_megatron.py --llm-path Qwen2-7B-Instruct \
@@ -26,10 +26,10 @@ partial output is left behind (exit code 2).
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_longvila.conversion.convert import convert_hf_to_megatron, format_summary
+from megatron_longvila.conversion.hf_io import ConversionError
 
 
 def main(argv=None):
@@ -47,8 +47,9 @@ def main(argv=None):
     p.add_argument("--save", required=True, help="output Megatron checkpoint directory")
     p.add_argument("--tensor-model-parallel-size", "--tp", type=int, default=1,
                    dest="tensor_model_parallel_size")
-    p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default="bf16",
-                   help="dtype of the Megatron weights (default bf16)")
+    p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
+                   help="dtype of the Megatron weights (default: the source's; fp32 if it "
+                        "mixes 16-bit types)")
     p.add_argument("--build-model", action="store_true",
                    help="build the TP-sharded model in --tensor-model-parallel-size processes and "
                         "save it with Megatron-Core's dist_checkpointing.save (memory: the whole "
@@ -61,8 +62,6 @@ def main(argv=None):
     if not (args.hf_path or args.llm_path):
         p.error("give --hf-path, or --llm-path and --vision-path")
 
-    from megatron_longvila.conversion.convert import convert_hf_to_megatron, format_summary
-    from megatron_longvila.conversion.hf_io import ConversionError
     try:
         s = convert_hf_to_megatron(
             args.save, hf_path=args.hf_path, llm_path=args.llm_path, vision_path=args.vision_path,

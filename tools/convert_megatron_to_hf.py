@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Megatron-Core LongVILA checkpoint -> Hugging Face, in the layout VILA's save_pretrained writes.
 
-  python tools/convert_megatron_to_hf.py --load ckpt/longvila-8b --save LongVILA-8B-hf --dtype bf16
+  python tools/convert_megatron_to_hf.py --load ckpt/longvila-8b --save LongVILA-8B-hf
 
 Reads SAVE/latest_checkpointed_iteration.txt (or --iteration), longvila_config.json and the dist
 checkpoint (saved at any tensor-parallel size), and writes:
@@ -20,10 +20,10 @@ safetensors; peak memory does not grow with the model size.
 
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from megatron_longvila.conversion.convert import convert_megatron_to_hf, format_summary
+from megatron_longvila.conversion.hf_io import ConversionError
 
 
 def main(argv=None):
@@ -33,7 +33,8 @@ def main(argv=None):
     p.add_argument("--save", required=True, help="output HF (VILA layout) directory")
     p.add_argument("--iteration", default=None,
                    help="iteration to convert (default: the tracker file's), or 'release'")
-    p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default="bf16")
+    p.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
+                   help="dtype of the HF weights (default: the checkpoint's)")
     p.add_argument("--num-video-frames", type=int, default=None,
                    help="num_video_frames of the top-level config (default: carried, else 8)")
     p.add_argument("--tokenizer", default=None,
@@ -46,8 +47,6 @@ def main(argv=None):
     if it is not None and it != "release":
         it = int(it)
 
-    from megatron_longvila.conversion.convert import convert_megatron_to_hf, format_summary
-    from megatron_longvila.conversion.hf_io import ConversionError
     try:
         s = convert_megatron_to_hf(args.load, args.save, dtype=args.dtype, iteration=it,
                                    num_video_frames=args.num_video_frames,

@@ -6,7 +6,8 @@ without building the model:
 
 - the *structure* (dist-checkpoint keys, the stacked layer axis, the ``_extra_state``
   sharded objects and their serialisation) is read off a tiny model of the same
-  architecture (:func:`convert.sharded_key_index`), so it follows Megatron-Core, not a copy;
+  architecture (:func:`.sharded_index.sharded_key_index`), so it follows Megatron-Core, not a
+  copy;
 - the *global shapes* come from the HF tensor headers through the mapping rules (meta
   tensors, no data);
 - the plan is handed to PyTorch DCP's ``FileSystemWriter`` with a planner whose
@@ -16,7 +17,7 @@ without building the model:
 Tensors are stored at full size in model coordinates (one chunk per parameter, or per layer
 of a stacked ``decoder.layers.*`` key), so the checkpoint loads at any tensor-parallel size:
 Megatron-Core reshards on load. ``common.pt`` and ``metadata.json`` carry what
-``training/checkpointing.save_model_checkpoint`` writes for a model-only checkpoint.
+:func:`megatron_longvila.checkpoint.save_model_checkpoint` writes for a model-only checkpoint.
 """
 
 import json
@@ -25,16 +26,26 @@ import time
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
+import torch.distributed.checkpoint as dcp
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.torch import mcore_to_pyt_state_dict
+from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata,
+                                                   Metadata, MetadataIndex, TensorProperties,
+                                                   TensorStorageMetadata)
+from torch.distributed.checkpoint.planner import (BytesIOWriteData, SavePlan, SavePlanner,
+                                                  TensorWriteData, WriteItem, WriteItemType)
 
+from .. import checkpoint as ckpt
+from ..utils.atomic import fsync_tree
 from .hf_io import ConversionError
 from .mapping import model_rules, to_mcore
+from .report import progress_bar
+from .sharded_index import sharded_key_index
 
 
 def _shard_layout(cfg):
     """(param name -> (key, prepend axes, layer)), the twin's ShardedObjects."""
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-    from .convert import sharded_key_index
     index, twin_sd = sharded_key_index(cfg, return_state_dict=True)
     objects = [v for v in nested_values(twin_sd) if isinstance(v, ShardedObject)]
     return index, objects
@@ -51,16 +62,6 @@ def save_release_streaming(cfg, getters: Dict[str, Callable[[str], torch.Tensor]
     ``fresh_projector``: projector tensors to store when the source has none.
     Needs an initialised one-rank world with model-parallel state (TP=1).
     """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import (BytesStorageMetadata, ChunkStorageMetadata,
-                                                       Metadata, MetadataIndex, TensorProperties,
-                                                       TensorStorageMetadata)
-    from torch.distributed.checkpoint.planner import (BytesIOWriteData, SavePlan, SavePlanner,
-                                                      TensorWriteData, WriteItem, WriteItemType)
-    from megatron.core.dist_checkpointing.strategies.torch import mcore_to_pyt_state_dict
-    from megatron_longvila.training import checkpointing as ck
-    from .convert import _bar
-
     index, objects = _shard_layout(cfg)
     # Every Megatron parameter: where its data comes from and its full shape.
     sources = {}
@@ -115,7 +116,7 @@ def save_release_streaming(cfg, getters: Dict[str, Callable[[str], torch.Tensor]
         items.append(WriteItem(index=MetadataIndex(fqn=obj.unique_key), type=WriteItemType.BYTE_IO,
                                bytes_io_data=BytesIOWriteData(nbytes=len(buf.getbuffer()))))
 
-    bar = _bar(len(index), "HF -> Megatron", progress)
+    bar = progress_bar(len(index), "HF -> Megatron", progress)
     counts = {"read_bytes": 0, "written_tensor_bytes": 0}
 
     class LazyPlanner(SavePlanner):
@@ -153,7 +154,7 @@ def save_release_streaming(cfg, getters: Dict[str, Callable[[str], torch.Tensor]
             bar.update(1)
             return t.reshape((1,) * (1 if pre else 0) + shape)
 
-    release = os.path.join(save_dir, ck.checkpoint_name(ck.RELEASE))
+    release = os.path.join(save_dir, ckpt.checkpoint_name(ckpt.RELEASE))
     os.makedirs(release)
     planner = LazyPlanner()
     writer = dcp.FileSystemWriter(release, single_file_per_rank=True, sync_files=True,
@@ -166,17 +167,16 @@ def save_release_streaming(cfg, getters: Dict[str, Callable[[str], torch.Tensor]
     bar.close()
     writer.finish(Metadata(state_dict_metadata=md), [results])
     # Megatron-Core's side files: the common (non-tensor) state and the backend tag.
-    common = {"format_version": ck.FORMAT_VERSION,
-              "layout": {"world": tensor_parallel_size, "tp": tensor_parallel_size, "cp": 1,
-                         "dp": 1, "pp": 1},
-              "iteration": 0}
+    common = ckpt.model_common_state(ckpt.RELEASE, {"world": tensor_parallel_size,
+                                                    "tp": tensor_parallel_size, "cp": 1,
+                                                    "dp": 1, "pp": 1})
     torch.save(common, os.path.join(release, "common.pt"))
     with open(os.path.join(release, "metadata.json"), "w") as f:
         json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
                    "common_backend": "torch", "common_backend_version": 1}, f)
-    ck._fsync_tree(release)
-    ck._write_config(save_dir, cfg)
-    ck._atomic_write_text(os.path.join(save_dir, ck.TRACKER_FILE), f"{ck.RELEASE}\n")
+    fsync_tree(release)
+    ckpt.write_config(save_dir, cfg)
+    ckpt.write_tracker(save_dir, ckpt.RELEASE)
     counts["tensors"] = len(index)
     counts["write_seconds"] = time.time() - t0
     return counts

@@ -59,7 +59,7 @@ def _checkpoint_config(load_dir: Optional[str]):
     """The LongVILAConfig the trainer saved next to its checkpoints (None if none)."""
     if not load_dir:
         return None
-    from ..training.checkpointing import read_checkpoint_config
+    from ..checkpoint import read_checkpoint_config
     return read_checkpoint_config(load_dir)
 
 
@@ -82,7 +82,7 @@ def _checkpoint_args(load_dir: Optional[str]) -> dict:
     if not load_dir:
         return {}
     try:
-        from ..training.checkpointing import read_common_state
+        from ..checkpoint import read_common_state
         a = read_common_state(load_dir).get("args")
     except Exception:  # noqa: BLE001 - converted (release) checkpoints may carry no args
         return {}
@@ -124,7 +124,7 @@ def setup_model(args, cfg=None):
 
 
 def load_weights(model, load_dir: str):
-    from ..training.checkpointing import load_model_weights  # the trainer's loader
+    from ..checkpoint import load_model_weights
     load_model_weights(model, load_dir)
 
 

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from .. import cpu_compat
+from ..checkpoint import has_checkpoint
 from ..constants import IGNORE_INDEX
 from . import checkpointing
 from .metrics import MetricsWriter, device_peak_tflops, micro_batch_flops
@@ -378,7 +379,7 @@ def train(args) -> Dict[str, Any]:
     loader = build_loader(args, data_paths, tokenizer)
 
     iteration, consumed = 0, {"samples": 0, "micro_batches": 0, "skipped_iterations": 0}
-    if args.load and checkpointing.has_checkpoint(args.load):
+    if args.load and has_checkpoint(args.load):
         t0 = time.time()
         try:
             info = checkpointing.load_checkpoint(
@@ -507,24 +508,17 @@ def train(args) -> Dict[str, Any]:
 
 def _save(args, iteration, ddp, optimizer, scheduler, loader, consumed):
     t0 = time.time()
-    if args.debug_kill_during_save == iteration:
-        _arm_kill_during_save()
     path = checkpointing.save_checkpoint(
         args.save, iteration, ddp, optimizer=optimizer, scheduler=scheduler, loader=loader,
         args=args_for_checkpoint(args), config=args.model_config, consumed=consumed,
-        keep_last=args.keep_last_checkpoints)
+        keep_last=args.keep_last_checkpoints,
+        before_commit=_kill_during_save if args.debug_kill_during_save == iteration else None)
     print_rank0(f"saved checkpoint {path} in {time.time() - t0:.1f}s")
 
 
-def _arm_kill_during_save():
+def _kill_during_save(path):
     """Test hook: SIGKILL this process once the tensor files of the save are written but before
     the checkpoint is renamed into place and named by the tracker."""
-    orig = checkpointing._fsync_tree
-
-    def killer(path):
-        orig(path)
-        print(f"[test] SIGKILL during the save into {path}", flush=True)
-        sys.stdout.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-    checkpointing._fsync_tree = killer
+    print(f"[test] SIGKILL during the save into {path}", flush=True)
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
