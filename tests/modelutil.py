@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_longvila.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from megatron_longvila.evaluation.hf_reference import HFLongVILA
+from megatron_longvila.evaluation.hf_reference import hf_modules as reference_modules
 from megatron_longvila.models.config import LanguageModelConfig, LongVILAConfig, VisionConfig
 
 
@@ -40,36 +42,23 @@ def tiny_config(family="qwen2", projector="mlp_downsample", image_size=28, patch
 
 
 def hf_modules(cfg: LongVILAConfig, seed=0):
-    """Random tiny transformers modules of the same shapes (no download)."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM,
-                              SiglipVisionConfig, SiglipVisionModel)
-    torch.manual_seed(seed)
-    l = cfg.llm
-    common = dict(vocab_size=l.vocab_size, hidden_size=l.hidden_size,
-                  intermediate_size=l.ffn_hidden_size, num_hidden_layers=l.num_layers,
-                  num_attention_heads=l.num_attention_heads, num_key_value_heads=l.num_query_groups,
-                  rms_norm_eps=l.norm_eps, rope_theta=l.rope_base,
-                  max_position_embeddings=l.max_position_embeddings,
-                  tie_word_embeddings=l.tie_word_embeddings, attn_implementation="eager")
-    if l.family == "qwen2":
-        lm = Qwen2ForCausalLM(Qwen2Config(**common))
-    else:
-        lm = LlamaForCausalLM(LlamaConfig(attention_bias=False, mlp_bias=False, **common))
-    v = cfg.vision
-    vt = SiglipVisionModel(SiglipVisionConfig(
-        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-        num_hidden_layers=v.num_layers, num_attention_heads=v.num_attention_heads,
-        image_size=v.image_size, patch_size=v.patch_size, layer_norm_eps=v.norm_eps,
-        vision_use_head=False, attn_implementation="eager"))
-    # Random non-trivial norms and biases, so the mapping of every tensor is exercised.
+    """Random tiny transformers modules of the same shapes (no download), with random
+    non-trivial norms and biases, so the mapping of every tensor is exercised."""
+    lm, vt, proj = reference_modules(cfg, "eager", seed=seed)
     with torch.no_grad():
         for m in (lm, vt):
             for n, p in m.named_parameters():
                 if "norm" in n or n.endswith("bias"):
                     p.add_(torch.randn_like(p) * 0.1)
-    from megatron_longvila.models.projector import MultimodalProjector
-    proj = MultimodalProjector(cfg.projector_type, v.hidden_size, l.hidden_size)
     return lm.eval(), vt.eval(), proj
+
+
+def hf_reference_logits(cfg, lm, vt, proj, batch):
+    """The HF reference (transformers modules, sample by sample, VILA's merge) on a batch."""
+    with torch.no_grad():
+        return HFLongVILA(cfg, lm, vt, proj)(batch["tokens"], batch["position_ids"],
+                                             batch["frames"],
+                                             cu_seqlens=batch["cu_seqlens"]).output
 
 
 def packed_batch(cfg: LongVILAConfig, frames_per_sample=(3, 0, 1), text_lens=(7, 11, 5),

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from megatron_longvila.parallel.attention import varlen_attention
+from megatron_longvila.kernels.attention import varlen_attention
 from megatron_longvila.parallel.layout import SequenceLayout
 from dist import run_distributed
 
@@ -43,7 +43,7 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
 def _one_config(rank, world, ring, ring_type, h, g, d, dtype=torch.float64):
     from megatron.core import parallel_state
-    from megatron_longvila.parallel.attention import attention_2d
+    from megatron_longvila.kernels.attention import attention_2d
     from megatron_longvila.parallel.groups import initialize_mmsp
     parallel_state.destroy_model_parallel()
     grp = initialize_mmsp(tp=1, cp=world, ring=ring, num_heads=h, num_kv_heads=g)

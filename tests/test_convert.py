@@ -12,6 +12,7 @@ from megatron_longvila.conversion.convert import convert_hf_to_megatron, convert
 
 from dist import run_distributed
 from modelutil import hf_modules, init_single_process, packed_batch, tiny_config
+from modelutil import hf_reference_logits as reference_logits
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -110,12 +111,7 @@ def megatron_logits(cfg, load_dir, batch, seed=5):
     load_model_weights(model, load_dir)
     with torch.no_grad():
         return model(batch["tokens"], batch["position_ids"], batch["frames"],
-                     cu_seqlens=batch["cu_seqlens"], parallel_output=False)
-
-
-def reference_logits(cfg, lm, vt, proj, batch):
-    from test_model import _hf_reference_logits
-    return _hf_reference_logits(cfg, lm, vt, proj, batch)
+                     cu_seqlens=batch["cu_seqlens"], parallel_output=False).output
 
 
 CASES = {  # family, projector, tied embeddings, vision prefix on disk, SigLIP head present
@@ -181,7 +177,7 @@ def _tp_worker(rank, world, jobs):
         load_model_weights(model, d)
         with torch.no_grad():
             out.append(model(batch["tokens"], batch["position_ids"], batch["frames"],
-                             cu_seqlens=batch["cu_seqlens"], parallel_output=False).numpy())
+                             cu_seqlens=batch["cu_seqlens"], parallel_output=False).output.numpy())
     return out  # numpy: pickled by value (no shared-memory handles outliving the worker)
 
 

@@ -22,7 +22,8 @@ def _one(rank, world, tp, cp, ring, ring_type, full_sd, cfg_dict, batch):
     from megatron_longvila.conversion.tp import gather_full_tensor, load_full_state_dict
     from megatron_longvila.models.config import LongVILAConfig
     from megatron_longvila.parallel.groups import initialize_mmsp
-    from megatron_longvila.parallel.mmsp import sp_prefill_logits
+    from megatron_longvila.evaluation.generation import prefill_logits
+    from megatron_longvila.parallel.layout import SequenceLayout
     from megatron_longvila.parallel.sharding import gather_sequence, sp_loss
 
     cfg = LongVILAConfig.from_dict(cfg_dict)
@@ -35,16 +36,19 @@ def _one(rank, world, tp, cp, ring, ring_type, full_sd, cfg_dict, batch):
     args = (batch["tokens"], batch["position_ids"], batch["frames"])
     # inference: long prefill with the same sharding, logits of the last token of each sample
     last = (batch["cu_seqlens"][1:] - 1).tolist()
-    prefill = sp_prefill_logits(model.eval(), *args, cu_seqlens=batch["cu_seqlens"],
-                                positions=last)
+    prefill = prefill_logits(model.eval(), *args, cu_seqlens=batch["cu_seqlens"],
+                             positions=last)
     model.train()
-    logits = model(*args, cu_seqlens=batch["cu_seqlens"], parallel_output=False)
-    losses = model(*args, batch["labels"], batch["cu_seqlens"])
+    out = model(*args, cu_seqlens=batch["cu_seqlens"], parallel_output=False)
+    lout = model(*args, batch["labels"], batch["cu_seqlens"])
+    logits, losses = out.output, lout.output
+    S = batch["tokens"].shape[1]
     if cp > 1:
-        mb = model.mmsp_batch
-        assert logits.shape[1] == mb.layout.local_len < batch["tokens"].shape[1]
-        logits = gather_sequence(logits[0].detach(), mb.layout, grp.sp_group)[None]
-        loss, _, _ = sp_loss(losses[0], mb.loss_mask[0], grp.sp_group)
+        layout = SequenceLayout(batch["cu_seqlens"], ring, cp // ring, ring_type)
+        assert logits.shape[1] == layout.local_len < S
+        assert torch.equal(out.row_index, lout.row_index)
+        logits = gather_sequence(logits[0].detach(), out.row_index[0], S, grp.sp_group)[None]
+        loss, _, _ = sp_loss(losses[0], lout.loss_mask[0], grp.sp_group)
     else:
         valid = batch["labels"] != IGNORE_INDEX
         loss = losses.sum() / valid.sum()

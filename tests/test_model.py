@@ -4,14 +4,14 @@ import pytest
 import torch
 
 from megatron_longvila import cpu_compat
-from megatron_longvila.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from megatron_longvila.constants import IGNORE_INDEX
 from megatron_longvila.conversion.tp import load_full_state_dict
 from megatron_longvila.models import LongVILAModel, get_preset
 from megatron_longvila.models.projector import merge_2x2
 
 from dist import run_distributed
-from modelutil import (full_mcore_state_from_hf, hf_modules, init_single_process, packed_batch,
-                       tiny_config)
+from modelutil import (full_mcore_state_from_hf, hf_modules, hf_reference_logits,
+                       init_single_process, packed_batch, tiny_config)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -29,16 +29,20 @@ def test_tiny_forward_backward_and_freezing():
     model = _model(cfg)
     batch = packed_batch(cfg, frames_per_sample=(2, 1), text_lens=(6, 9), pad=2)
     model.set_trainable(vision=False, projector=True, llm=False)
-    losses = model(batch["tokens"], batch["position_ids"], batch["frames"], batch["labels"],
-                   batch["cu_seqlens"])
+    out = model(batch["tokens"], batch["position_ids"], batch["frames"], batch["labels"],
+                batch["cu_seqlens"])
+    losses = out.output
     valid = batch["labels"] != IGNORE_INDEX
+    # SP=1 is the trivial layout: every row, in input order, masked where there is no label
+    assert torch.equal(out.loss_mask, valid)
+    assert torch.equal(out.row_index[0], torch.arange(batch["tokens"].shape[1]))
     assert losses.shape == batch["tokens"].shape
     assert torch.all(losses[~valid] == 0) and torch.all(losses[valid] > 0)
     # The loss path computes logits only on labelled rows: it must equal the cross entropy of
     # the full logits.
     with torch.no_grad():
         logits = model(batch["tokens"], batch["position_ids"], batch["frames"],
-                       cu_seqlens=batch["cu_seqlens"], parallel_output=False)
+                       cu_seqlens=batch["cu_seqlens"], parallel_output=False).output
         want = torch.nn.functional.cross_entropy(logits[valid].double(),
                                                  batch["labels"][valid])
     torch.testing.assert_close(losses[valid].double().mean(), want, rtol=1e-5, atol=1e-6)
@@ -79,32 +83,6 @@ def test_merge_2x2_matches_index_definition(fixed):
             torch.testing.assert_close(out[:, k], want, rtol=0, atol=0)
 
 
-def _hf_reference_logits(cfg, lm, vt, proj, batch):
-    """Transformers modules, sample by sample (no packing), VILA's merge of visual tokens."""
-    T = cfg.tokens_per_frame
-    with torch.no_grad():
-        frames = batch["frames"]
-        visual = None
-        if frames.shape[0]:
-            hs = vt(pixel_values=frames, output_hidden_states=True).hidden_states
-            visual = proj(hs[cfg.vision_select_layer]).reshape(-1, cfg.llm.hidden_size)
-        tokens = batch["tokens"][0]
-        cu = batch["cu_seqlens"].tolist()
-        outs, used = [], 0
-        for s, e in zip(cu[:-1], cu[1:]):
-            ids = tokens[s:e]
-            vis = ids == IMAGE_TOKEN_INDEX
-            emb = lm.get_input_embeddings()(ids.masked_fill(vis, 0))
-            n = int(vis.sum())
-            if n:
-                emb[vis] = visual[used:used + n]
-                used += n
-            out = lm(inputs_embeds=emb[None], position_ids=torch.arange(e - s)[None]).logits
-            outs.append(out[0])
-        assert used == (0 if visual is None else visual.shape[0])
-    return torch.cat(outs)[None]
-
-
 @pytest.mark.parametrize("family,projector,tied", [
     ("qwen2", "mlp_downsample", True),
     ("llama", "mlp_downsample_2x2_fix", False),
@@ -117,10 +95,10 @@ def test_hf_parity(family, projector, tied):
     model = _model(cfg, seed=3).eval()
     load_full_state_dict(model, full_mcore_state_from_hf(cfg, lm, vt, proj))
     batch = packed_batch(cfg)
-    want = _hf_reference_logits(cfg, lm, vt, proj, batch)
+    want = hf_reference_logits(cfg, lm, vt, proj, batch)
     with torch.no_grad():
         got = model(batch["tokens"], batch["position_ids"], batch["frames"],
-                    cu_seqlens=batch["cu_seqlens"], parallel_output=False)
+                    cu_seqlens=batch["cu_seqlens"], parallel_output=False).output
     err = (got - want).abs().max().item()
     assert err < 1e-4, f"max abs logit error {err}"
 
@@ -148,9 +126,9 @@ def _tp_worker(rank, world, tp, full_sd, cfg_dict, batch):
     model = LongVILAModel(cfg)
     load_full_state_dict(model, full_sd)
     logits = model(batch["tokens"], batch["position_ids"], batch["frames"],
-                   cu_seqlens=batch["cu_seqlens"], parallel_output=False)
+                   cu_seqlens=batch["cu_seqlens"], parallel_output=False).output
     losses = model(batch["tokens"], batch["position_ids"], batch["frames"], batch["labels"],
-                   batch["cu_seqlens"])
+                   batch["cu_seqlens"]).output
     loss = losses.sum() / (batch["labels"] != IGNORE_INDEX).sum()
     loss.backward()
     return logits.detach(), loss.detach(), full_state_dict(model, grads=True)

@@ -80,7 +80,7 @@ def main(argv=None):
         from megatron_longvila.parallel.groups import initialize_mmsp
         if not parallel_state.model_parallel_is_initialized():
             initialize_mmsp()  # a one-rank layout: generation's forward takes the SP=1 path
-        model = HFLongVILA(args.hf)
+        model = HFLongVILA.from_pretrained(args.hf)
         cfg = model.cfg
     else:
         model, cfg = R.setup_model(args)

@@ -6,7 +6,7 @@ tokens generated so far. At tiny scale this costs little, and it makes the long 
 every decoding step take exactly the training path, including MM-SP: with a context-parallel
 (SP) group of several ranks, each rank encodes its share of the frames and holds its share of
 the tokens (``LongVILAModel.forward`` at SP > 1); only the last position's logits are brought
-to every rank (one all-reduce of ``[V]`` over the SP group). All ranks of the group then pick
+to every rank (``prefill_logits``: one all-reduce of ``[V]`` over the SP group). All ranks of the group then pick
 the same token (greedy, or sampling from an identically seeded generator).
 """
 
@@ -17,8 +17,13 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
+from megatron.core import parallel_state
 
 from ..constants import IMAGE_TOKEN_INDEX
+from ..data.preprocess import encode_frame
+from ..data.task_encoder import TaskEncoder, decode_frame_uint8, normalize_frames
+from ..data.video import decode_video, is_image_path, load_image, resize_frame
+from ..parallel.sharding import select_rows
 
 # --------------------------------------------------------------------------- prompts
 
@@ -33,7 +38,6 @@ def build_prompt_ids(tokenizer, question: str, num_frames: int,
     A question without a ``<video>``/``<image>`` marker gets the frames in front of it, as in
     training. ``history``: earlier turns (``[{"from": "human"|"gpt", "value": ...}, ...]``).
     """
-    from ..data.task_encoder import TaskEncoder
     convs = [dict(t) for t in (history or [])]
     convs += [{"from": "human", "value": question}, {"from": "gpt", "value": ""}]
     ids, targets = TaskEncoder(tokenizer).encode_conversation(convs, num_frames)
@@ -72,9 +76,6 @@ def prepare_frames(frames_u8: Sequence[np.ndarray], image_size: int, resize_mode
     """RGB uint8 ``[H, W, 3]`` frames -> model input ``[F, 3, S, S]`` float32, through the
     same steps as preprocessing + the loader: resize, encode (JPEG/PNG), decode, SigLIP
     normalisation. ``image_format=None`` skips the encode/decode round trip."""
-    from ..data.preprocess import encode_frame
-    from ..data.task_encoder import decode_frame_uint8, normalize_frames
-    from ..data.video import resize_frame
     out = []
     for f in frames_u8:
         f = resize_frame(np.asarray(f, dtype=np.uint8), image_size, resize_mode)
@@ -90,7 +91,6 @@ def prepare_frames(frames_u8: Sequence[np.ndarray], image_size: int, resize_mode
 def read_media(path: str, num_frames: Optional[int] = None) -> List[np.ndarray]:
     """A video (``num_frames`` uniformly sampled, first and last included) or an image
     (one frame) as RGB uint8 arrays."""
-    from ..data.video import decode_video, is_image_path, load_image
     if is_image_path(path):
         return [load_image(path)]
     return decode_video(path, num_frames=num_frames or 8).frames
@@ -118,15 +118,37 @@ class GenerationConfig:
     stop_ids: List[int] = field(default_factory=list)
 
 
+def sp_group():
+    """The sequence-parallel (context-parallel) group when it has several ranks, else None."""
+    if not parallel_state.model_parallel_is_initialized() or \
+            parallel_state.get_context_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_context_parallel_group()
+
+
+@torch.no_grad()
+def prefill_logits(model, tokens: torch.Tensor, position_ids: torch.Tensor,
+                   frames: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
+                   positions=None) -> torch.Tensor:
+    """Long prefill under the model's parallel layout; full-vocabulary logits ``[n, V]`` at
+    ``positions`` (indices into the row; default: every token), on every rank.
+
+    At SP > 1 the row is sharded exactly as in training (frames split, 2D attention); each
+    rank fills the rows it owns and one all-reduce over the SP group assembles them, so only
+    the asked-for rows travel (e.g. the last prompt token of a needle question).
+    """
+    out = model(tokens, position_ids, frames, cu_seqlens=cu_seqlens, parallel_output=False)
+    pos = torch.arange(tokens.shape[1]) if positions is None else positions
+    return select_rows(out.output[0], out.row_index[0], pos, sp_group())
+
+
 @torch.no_grad()
 def last_token_logits(model, tokens: torch.Tensor, frames: Optional[torch.Tensor]) -> torch.Tensor:
     """fp32 logits ``[V]`` of the last position of ``tokens [1, S]`` (full vocabulary, on every
-    rank). At SP > 1 the forward is MM-SP-sharded and only the last row travels
-    (``parallel.mmsp.sp_prefill_logits``)."""
-    from ..parallel.mmsp import sp_prefill_logits
+    rank). At SP > 1 the forward is MM-SP-sharded and only the last row travels."""
     S = tokens.shape[1]
     position_ids = torch.arange(S, dtype=torch.long, device=tokens.device)[None]
-    return sp_prefill_logits(model, tokens, position_ids, frames, positions=[S - 1])[0].float()
+    return prefill_logits(model, tokens, position_ids, frames, positions=[S - 1])[0].float()
 
 
 def _pick(logits: torch.Tensor, cfg: GenerationConfig, gen: Optional[torch.Generator]) -> int:

@@ -16,6 +16,7 @@ rank 0 writes the files.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -212,7 +213,6 @@ def plot_heatmap(results: dict, path: str, title: Optional[str] = None):
 def _main(argv=None):
     """``python -m megatron_longvila.evaluation.needle compare A.json B.json``: exit 1 if the
     two runs answered differently anywhere."""
-    import argparse
     p = argparse.ArgumentParser(prog="python -m megatron_longvila.evaluation.needle")
     sub = p.add_subparsers(dest="cmd", required=True)
     c = sub.add_parser("compare", help="same answers in two results files?")

@@ -23,6 +23,9 @@ from typing import List, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image
 
+from ..data.preprocess import preprocess
+from ..data.synthetic import write_video
+
 NEEDLE_COLOURS = {
     "red": (220, 30, 30), "green": (30, 190, 50), "blue": (40, 60, 230),
     "yellow": (235, 220, 40), "magenta": (210, 40, 200), "cyan": (40, 210, 220),
@@ -66,7 +69,6 @@ def make_needle_videos(out_dir: str, num_videos: int = 256,
     """Training videos ``out_dir/videos/needle_*.mp4`` (``frames_per_video`` frames, or a
     random count in ``[lo, hi]``; one needle frame at a uniformly random index) and their
     annotations; returns the annotation file's path."""
-    from ..data.synthetic import write_video
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
     entries: List[dict] = []
@@ -94,7 +96,6 @@ def make_needle_dataset(out_dir: str, num_videos: int = 256,
                         num_workers: int = 1) -> str:
     """Needle training videos -> shards through the real preprocessing; returns the shard
     directory. Frames are sampled at the videos' frame rate, so all of them are kept."""
-    from ..data.preprocess import preprocess
     raw = os.path.join(out_dir, "raw")
     ann = make_needle_videos(raw, num_videos, frames_per_video, size, seed)
     wds = os.path.join(out_dir, "wds")
@@ -112,7 +113,6 @@ def make_needle_eval_set(out_dir: str, haystack_frames_count: int = 64, size: in
     """A held-out haystack video ``out_dir/haystack.mp4`` and needle images
     ``out_dir/needles/*.png`` listed in ``out_dir/needles.json``; returns that JSON's path.
     Use a seed the training data did not use."""
-    from ..data.synthetic import write_video
     rng = np.random.default_rng(seed)
     os.makedirs(os.path.join(out_dir, "needles"), exist_ok=True)
     write_video(os.path.join(out_dir, "haystack.mp4"),

@@ -11,8 +11,8 @@ At context-parallel size 1 it runs attention locally: on CUDA (fp16/bf16) one va
 call for the whole packed row (``aten._flash_attention_forward``), elsewhere torch's SDPA per
 sub-sequence. At context-parallel size > 1 the sharding code passes
 :class:`~megatron_longvila.parallel.sharding.MMSPPackedSeqParams` whose ``mmsp`` context holds
-the global layout, and the MM-SP 2D attention of :mod:`megatron_longvila.parallel.attention`
-(Ulysses x ring) takes over. The vision tower (config CP size 1, no MM-SP context) always runs
+the global layout's attention blocks and groups, and the MM-SP 2D attention of
+:mod:`megatron_longvila.kernels.attention` (Ulysses x ring) takes over. The vision tower (config CP size 1, no MM-SP context) always runs
 locally: MM-SP splits its frames, not its patches.
 """
 
@@ -24,6 +24,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from ..kernels.attention import attention_2d, ring_attention, varlen_block
 
 
 def local_attention(q, k, v, causal, scale, cu_seqlens=None):
@@ -75,7 +77,6 @@ class LongVILACoreAttention(MegatronModule):
         cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
         mmsp = getattr(packed_seq_params, "mmsp", None)
         if mmsp is not None:
-            from ..parallel.attention import attention_2d
             if not causal:
                 raise ValueError("MM-SP 2D attention is causal (language model) only")
             s, b = query.shape[:2]
@@ -87,7 +88,6 @@ class LongVILACoreAttention(MegatronModule):
             raise ValueError("context-parallel size > 1 needs the MM-SP layout: build the batch "
                              "with megatron_longvila.parallel (LongVILAModel does this)")
         if query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and query.shape[1] == 1:
-            from ..parallel.attention import ring_attention, varlen_block
             s = query.shape[0]
             # one varlen block per micro-batch, shared by all layers (no host sync per layer)
             blk = getattr(packed_seq_params, "_varlen_block", None)

@@ -4,8 +4,16 @@ One micro-batch is a packed row (see ``megatron_longvila.data``): ``tokens [1, S
 ``IMAGE_TOKEN_INDEX`` at visual positions (``tokens_per_frame`` per frame, frames in order),
 ``position_ids [1, S]`` restarting per sample, ``cu_seqlens`` marking the samples, and
 ``frames [F, 3, H, W]``. Unpacked input (``tokens [b, s]``, ``cu_seqlens=None``) also works.
+
+The forward has one path for every layout: :func:`~megatron_longvila.parallel.sharding.
+shard_micro_batch` plans this rank's share (SP=1: the whole batch; SP>1: the MM-SP token
+shard, frame range and route), then encode -> merge -> decode -> output run on that share.
+It returns a :class:`LongVILAOutput`: the output rows of this rank and what the loss and the
+gathering of outputs need (the rows' loss mask and input positions), as Megatron's LLaVA
+returns ``(output, loss_mask)``. Nothing is left on the model.
 """
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -16,6 +24,8 @@ from megatron.core.transformer.module import MegatronModule
 
 from .. import cpu_compat
 from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+from ..parallel.groups import get_mmsp_groups
+from ..parallel.sharding import BatchShard, shard_micro_batch
 from .config import LongVILAConfig
 from .projector import MultimodalProjector
 from .specs import (layer_spec, llm_transformer_config, resolve_transformer_impl,
@@ -35,6 +45,24 @@ def rope_frequencies(position_ids: torch.Tensor, dim: int, base: float) -> torch
     return torch.cat([angles, angles], dim=-1)[:, :, None, :]
 
 
+@dataclass
+class LongVILAOutput:
+    """What :meth:`LongVILAModel.forward` returns (this rank's rows; SP=1: all rows).
+
+    ``output``: per-token losses ``[b, s]`` in fp32 (0 where there is no label) when labels
+    were given, else logits ``[b, s, V]`` (vocabulary-sharded under TP if parallel_output).
+    ``loss_mask``: ``[b, s]`` bool, the rows holding a label (None without labels): the loss is
+    ``sum(output * loss_mask)`` over the SP group / the group's label count
+    (:func:`~megatron_longvila.parallel.sharding.sp_loss`).
+    ``row_index``: ``[b, s]`` the input-row position of each output row (``-1`` at layout
+    padding), for :func:`~megatron_longvila.parallel.sharding.select_rows` /
+    :func:`~megatron_longvila.parallel.sharding.gather_sequence`.
+    """
+    output: torch.Tensor
+    loss_mask: Optional[torch.Tensor]
+    row_index: torch.Tensor
+
+
 class LongVILAModel(MegatronModule):
     def __init__(self, config: LongVILAConfig, dtype=torch.float32, transformer_impl="local",
                  sequence_parallel=False, recompute=None,
@@ -51,9 +79,8 @@ class LongVILAModel(MegatronModule):
         super().__init__(config=tconfig)
         self.cfg = config
         self.transformer_impl = impl
-        # MM-SP (context-parallel size > 1): token layout of the ring; see parallel/mmsp.py
+        # MM-SP (context-parallel size > 1): token layout of the ring; see parallel/layout.py
         self.seq_parallel_ring_type = seq_parallel_ring_type
-        self.mmsp_batch = None  # sharding of the last SP>1 micro-batch
         self.vision_model = SiglipVisionEncoder(
             config.vision, vision_transformer_config(config.vision, dtype, tp, recompute),
             config.vision_layers_used, impl)
@@ -159,29 +186,47 @@ class LongVILAModel(MegatronModule):
         return losses.reshape(s, b).t().contiguous()
 
     # ------------------------------------------------------------------ forward
+    def shard(self, tokens: torch.Tensor, position_ids: torch.Tensor,
+              labels: Optional[torch.Tensor] = None, cu_seqlens: Optional[torch.Tensor] = None,
+              n_frames: int = 0) -> BatchShard:
+        """This rank's share of a micro-batch under the model's parallel layout."""
+        sp = parallel_state.get_context_parallel_world_size() > 1
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        return shard_micro_batch(
+            tokens, position_ids, labels, cu_seqlens, n_frames, self.tokens_per_frame,
+            groups=get_mmsp_groups() if sp else None, ring_type=self.seq_parallel_ring_type,
+            multiple_of=tp if self.config.sequence_parallel else 1)
+
+    def visual_embeddings(self, frames: Optional[torch.Tensor], shard: BatchShard):
+        """Encode this rank's frames and route them to this rank's placeholders
+        (``[n_local_placeholders, h]``; None without frames)."""
+        if frames is None or frames.shape[0] == 0:
+            return None
+        a, b = shard.frames
+        if b > a:
+            emb = self.encode_frames(frames[a:b]).flatten(0, 1)
+        else:
+            # MM-SP, no frame to encode here. The route's backward all-to-all is collective:
+            # the empty input must require grad exactly when the encoding ranks' outputs do (a
+            # trainable vision tower or projector), or this rank would skip it and the others
+            # would hang.
+            trains_encoder = any(p.requires_grad for p in self.vision_model.parameters()) or \
+                any(p.requires_grad for p in self.projector.parameters())
+            emb = self.language_model.embedding.word_embeddings.weight.new_zeros(
+                (0, self.config.hidden_size)).requires_grad_(
+                    trains_encoder and torch.is_grad_enabled())
+        return shard.route_visual(emb)
+
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor,
                 frames: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 cu_seqlens: Optional[torch.Tensor] = None,
-                frames_per_sample: Optional[torch.Tensor] = None, parallel_output: bool = True):
-        if parallel_state.get_context_parallel_world_size() > 1:
-            # MM-SP: returns the outputs of this rank's token shard; the shard (labels, layout)
-            # is left in self.mmsp_batch for the loss (parallel.sharding.sp_loss) and gathering.
-            from ..parallel.mmsp import mmsp_forward
-            out, self.mmsp_batch = mmsp_forward(self, tokens, position_ids, frames, labels,
-                                                cu_seqlens, parallel_output,
-                                                self.seq_parallel_ring_type)
-            return out
-        visual = None
-        if frames is not None and frames.shape[0] > 0:
-            visual = self.encode_frames(frames).flatten(0, 1)
-        hidden = self.embed(tokens, visual)
-        packed = None
-        if cu_seqlens is not None:
-            if tokens.shape[0] != 1:
-                raise ValueError("packed input (cu_seqlens) must be one row: tokens [1, S]")
-            cu = cu_seqlens.to(torch.int32)
-            max_len = int((cu[1:] - cu[:-1]).max())
-            packed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                                     max_seqlen_q=max_len, max_seqlen_kv=max_len)
-        hidden = self.decode(hidden, position_ids, packed)
-        return self.output(hidden, labels, parallel_output)
+                frames_per_sample: Optional[torch.Tensor] = None,
+                parallel_output: bool = True) -> LongVILAOutput:
+        """Every rank of the SP group passes the same whole micro-batch; each computes its
+        share (MM-SP stage 1: its frames, routed; stage 2: its token shard, 2D attention)."""
+        n_frames = 0 if frames is None else int(frames.shape[0])
+        shard = self.shard(tokens, position_ids, labels, cu_seqlens, n_frames)
+        hidden = self.embed(shard.tokens, self.visual_embeddings(frames, shard))
+        hidden = self.decode(hidden, shard.position_ids, shard.packed_seq_params)
+        out = self.output(hidden, shard.labels, parallel_output)
+        return LongVILAOutput(out, shard.loss_mask, shard.row_index)

@@ -2,7 +2,7 @@
 
 import torch
 import torch.nn as nn
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -44,7 +44,6 @@ class SiglipVisionEncoder(MegatronModule):
         tensors are replicated over TP, which at TP>1 saves only TP rank 0's shards (and loads
         them into every rank). Asking each TransformerLayer shards them correctly.
         """
-        from megatron.core import parallel_state
         tp_group = getattr(self, "tp_group", None) or parallel_state.get_tensor_model_parallel_group()
         sd = {}
         for name, child in self.named_children():

@@ -1,5 +1,11 @@
 """MM-SP: LongVILA's multi-modal sequence parallelism on Megatron-Core's context-parallel state.
 
+Layer: orchestration, below ``models`` and above ``kernels`` (see
+:mod:`megatron_longvila.kernels` for the whole layering). It plans and moves plain tensors
+(token shards, frame ranges, routes, losses) and never imports the model: the model calls it
+(``LongVILAModel.forward`` -> :func:`.sharding.shard_micro_batch`) and hands it its tensors.
+The attention math it describes (``VarlenBlock`` s) runs in ``kernels``.
+
 Modules (one concept each):
 
 * :mod:`.groups` - the SP group is Megatron's CP group, split into Ulysses x ring with
@@ -9,19 +15,17 @@ Modules (one concept each):
 * :mod:`.layout` - ``SequenceLayout``: where each token of a packed row lives (contiguous
   ``ring_varlen`` or ``zigzag_ring_varlen`` ring shards, Ulysses pieces, padding only where
   the layout needs it) and the varlen attention block between any two ring shards. Torch only.
-* :mod:`.attention` - the 2D attention (``attention_2d``): Ulysses all-to-all (GQA aware) and
-  ring attention with a true ring backward; kernels: cuDNN / flash varlen on CUDA, exact
-  math elsewhere. Torch only. ``varlen_attention`` is the same at SP=1.
-* :mod:`.sharding` - per micro-batch: token shards with global positions, balanced frame
-  split, the uneven all-to-all route of visual embeddings, ``MMSPPackedSeqParams`` (carries
-  the layout to every layer's core attention), ``sp_loss``, ``gather_sequence``.
-* :mod:`.mmsp` - ``LongVILAModel``'s forward at SP > 1 and ``sp_prefill_logits`` (inference).
+* :mod:`.sharding` - per micro-batch: ``shard_micro_batch`` (this rank's ``BatchShard``; SP=1
+  is the trivial one), token shards with global positions, balanced frame split, the uneven
+  all-to-all route of visual embeddings, ``MMSPPackedSeqParams`` (carries the layout's
+  attention blocks to every layer's core attention), ``sp_loss``, ``gather_sequence`` /
+  ``select_rows`` (outputs back in input order).
 * :mod:`.balance` - ``balance_report``: per-rank visual tokens, LM tokens, attention FLOPs.
 
 Typical use (the trainer does this)::
 
     initialize_mmsp(tp=..., cp=sp, ring=ring, num_heads=..., num_kv_heads=...)
     model = LongVILAModel(cfg, seq_parallel_ring_type="zigzag_ring_varlen")
-    losses = model(tokens, position_ids, frames, labels, cu_seqlens)   # this rank's shard
-    loss, _, _ = sp_loss(losses[0], model.mmsp_batch.loss_mask[0], sp_group)
+    out = model(tokens, position_ids, frames, labels, cu_seqlens)   # this rank's shard
+    loss, _, _ = sp_loss(out.output[0], out.loss_mask[0], sp_group)
 """

@@ -46,6 +46,7 @@ class TokenShard:
     labels: Optional[torch.Tensor]
     position_ids: torch.Tensor
     index: torch.Tensor  # padded-row positions of the local tokens
+    row_index: torch.Tensor  # [1, s_local]: input-row position of each local token (-1: pad)
 
 
 def shard_tokens(layout: SequenceLayout, cp_rank: int, tokens: torch.Tensor,
@@ -59,22 +60,63 @@ def shard_tokens(layout: SequenceLayout, cp_rank: int, tokens: torch.Tensor,
     tok = pad_row(tokens[0], layout, PAD_TOKEN_ID)[idx][None]
     pos = padded_position_ids(position_ids[0], layout)[idx][None]
     lab = None if labels is None else pad_row(labels[0], layout, IGNORE_INDEX)[idx][None]
-    return TokenShard(tok, lab, pos, idx)
+    padded_to_orig = torch.full((layout.padded_len,), -1, dtype=torch.long)
+    padded_to_orig[layout.orig_to_padded] = torch.arange(len(layout.orig_to_padded))
+    rows = padded_to_orig[idx.cpu()][None].to(tokens.device)
+    return TokenShard(tok, lab, pos, idx, rows)
 
 
-def gather_sequence(x_local: torch.Tensor, layout: SequenceLayout, group, dim: int = 0):
-    """All-gather rank shards along ``dim`` and return the ORIGINAL row order (pads dropped).
+def gather_sequence(x_local: torch.Tensor, row_index: torch.Tensor, length: int, group,
+                    dim: int = 0) -> torch.Tensor:
+    """All-gather the ranks' output rows along ``dim`` into the input row's order (layout
+    padding dropped): ``row_index [s_local]`` is each local row's position in the input row
+    (``-1`` at padding), as :class:`BatchShard` / the model's output give it. No autograd.
 
-    Used for logits/tests and for a long prefill whose full output is wanted. No autograd.
+    Used for logits/tests and for a long prefill whose full output is wanted.
     """
-    x_local = x_local.contiguous()
-    parts = [torch.empty_like(x_local) for _ in range(layout.sp)]
-    dist.all_gather(parts, x_local, group=group)
-    full = torch.empty((layout.padded_len,) + tuple(x_local.movedim(dim, 0).shape[1:]),
-                       dtype=x_local.dtype, device=x_local.device)
-    for c, p in enumerate(parts):
-        full[layout.shard_index[c].to(x_local.device)] = p.movedim(dim, 0)
-    return full[layout.orig_to_padded.to(x_local.device)].movedim(0, dim)
+    x_local = x_local.movedim(dim, 0).contiguous()
+    row_index = row_index.reshape(-1).to(x_local.device)
+    if group is None or dist.get_world_size(group) == 1:
+        parts, rows = [x_local], [row_index]
+    else:
+        parts = [torch.empty_like(x_local) for _ in range(dist.get_world_size(group))]
+        rows = [torch.empty_like(row_index) for _ in parts]
+        dist.all_gather(parts, x_local, group=group)
+        dist.all_gather(rows, row_index, group=group)
+    x, r = torch.cat(parts), torch.cat(rows)
+    keep = r >= 0
+    full = x.new_zeros((length,) + tuple(x.shape[1:]))
+    full[r[keep]] = x[keep]
+    return full.movedim(0, dim)
+
+
+def select_rows(x_local: torch.Tensor, row_index: torch.Tensor, positions, group=None
+                ) -> torch.Tensor:
+    """The output rows at ``positions`` (indices into the input row) on every rank.
+
+    ``x_local [s_local, ...]`` holds this rank's rows, ``row_index [s_local]`` their input
+    positions (``-1`` at padding). Each rank fills the asked-for rows it holds and one
+    all-reduce over ``group`` assembles them, so only those rows travel (e.g. the last prompt
+    token of a question). At SP=1 it is plain indexing.
+    """
+    pos = torch.as_tensor(positions, dtype=torch.long).reshape(-1).to(x_local.device)
+    row_index = row_index.reshape(-1).to(x_local.device)
+    single = group is None or dist.get_world_size(group) == 1
+    if single and row_index.numel() == x_local.shape[0] and bool(
+            (row_index == torch.arange(len(row_index), device=row_index.device)).all()):
+        return x_local[pos]
+    n = int(max(int(pos.max()) if pos.numel() else 0, int(row_index.max()))) + 1
+    where = torch.full((n,), -1, dtype=torch.long, device=x_local.device)
+    valid = row_index >= 0
+    where[row_index[valid]] = torch.arange(len(row_index), device=x_local.device)[valid]
+    local = where[pos]
+    mine = local >= 0
+    out = x_local.new_zeros((len(pos),) + tuple(x_local.shape[1:]))
+    if bool(mine.any()):
+        out[mine] = x_local[local[mine]]
+    if not single:
+        dist.all_reduce(out, group=group)
+    return out
 
 
 # ------------------------------------------------------------------ stage 1: frames
@@ -184,6 +226,77 @@ def make_packed_seq_params(layout: SequenceLayout, groups, device=None) -> MMSPP
     ctx = MMSPContext(layout, groups, layout.attention_blocks(groups.ring_rank))
     return MMSPPackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
                                max_seqlen_q=mx, max_seqlen_kv=mx, mmsp=ctx)
+
+
+# ------------------------------------------------------------------ one micro-batch
+
+@dataclass
+class BatchShard:
+    """This rank's share of one micro-batch: what its forward computes and how its visual
+    embeddings travel. At SP=1 it is the trivial layout (the whole batch, no route).
+
+    ``tokens / position_ids / labels / row_index`` are ``[b, s_local]`` (``row_index``: each
+    local row's position in the input row, ``-1`` at layout padding); ``frames`` the range of
+    frames this rank encodes; ``route`` (None at SP=1) takes their embeddings to the ranks
+    whose tokens hold their placeholders.
+    """
+    tokens: torch.Tensor
+    position_ids: torch.Tensor
+    labels: Optional[torch.Tensor]
+    row_index: torch.Tensor
+    packed_seq_params: Optional[PackedSeqParams]
+    frames: Tuple[int, int]
+    route: Optional[VisionRoute] = None
+    group: object = None
+
+    @property
+    def loss_mask(self) -> Optional[torch.Tensor]:
+        """``[b, s_local]`` bool: the rows holding a label (None without labels)."""
+        return None if self.labels is None else self.labels != IGNORE_INDEX
+
+    def route_visual(self, emb: torch.Tensor) -> torch.Tensor:
+        """This rank's encoded visual tokens -> the embeddings of its placeholders."""
+        return emb if self.route is None else route_visual_embeddings(emb, self.route, self.group)
+
+
+def shard_micro_batch(tokens: torch.Tensor, position_ids: torch.Tensor,
+                      labels: Optional[torch.Tensor] = None,
+                      cu_seqlens: Optional[torch.Tensor] = None, n_frames: int = 0,
+                      tokens_per_frame: int = 1, groups=None,
+                      ring_type: str = "zigzag_ring_varlen", multiple_of: int = 1) -> BatchShard:
+    """Plan one micro-batch for this rank: at SP=1 (``groups`` None or of size 1) the whole
+    batch (``cu_seqlens`` -> ``PackedSeqParams``; packed input is one row); at SP>1 the MM-SP
+    layout (one packed row): token shard with global positions, balanced frame range, route
+    of the visual embeddings, ``MMSPPackedSeqParams`` carrying the layout to the attention.
+    """
+    if groups is None or groups.sp_size == 1:
+        packed = None
+        if cu_seqlens is not None:
+            if tokens.shape[0] != 1:
+                raise ValueError("packed input (cu_seqlens) must be one row: tokens [1, S], got "
+                                 f"{tokens.shape[0]} rows")
+            cu = cu_seqlens.to(torch.int32)
+            max_len = int((cu[1:] - cu[:-1]).max())
+            packed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                     max_seqlen_q=max_len, max_seqlen_kv=max_len)
+        rows = torch.arange(tokens.shape[1], device=tokens.device).expand(tokens.shape[0], -1)
+        return BatchShard(tokens, position_ids, labels, rows, packed, (0, n_frames))
+    if tokens.shape[0] != 1:
+        raise ValueError("sequence parallelism takes one packed row: tokens [1, S], got "
+                         f"{tokens.shape[0]} rows")
+    S = tokens.shape[1]
+    if cu_seqlens is None:
+        cu_seqlens = torch.tensor([0, S], dtype=torch.int32)
+    layout = SequenceLayout(cu_seqlens.cpu(), groups.ring_size, groups.ulysses_size, ring_type,
+                            multiple_of=multiple_of)
+    shard = shard_tokens(layout, groups.sp_rank, tokens, position_ids, labels)
+    route, frames = None, (0, 0)
+    if n_frames:
+        route = build_vision_route(layout, groups.sp_rank, tokens, tokens_per_frame, n_frames)
+        frames = route.frames
+    packed = make_packed_seq_params(layout, groups, device=tokens.device)
+    return BatchShard(shard.tokens, shard.position_ids, shard.labels, shard.row_index, packed,
+                      frames, route, groups.sp_group)
 
 
 # ------------------------------------------------------------------ loss

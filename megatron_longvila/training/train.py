@@ -248,18 +248,14 @@ class _BatchFeed:
 
 
 def _make_forward_step(unwrapped, dtype, nan_at=None, state=None):
-    from megatron.core import parallel_state
 
     def forward_step(data_iterator, model):
         b = next(data_iterator)
         frames = b["frames"].to(dtype) if dtype != torch.float32 else b["frames"]
-        losses = model(b["tokens"], b["position_ids"], frames, b["labels"], b["cu_seqlens"],
-                       b["frames_per_sample"])
-        if parallel_state.get_context_parallel_world_size() > 1:
-            mask = unwrapped.mmsp_batch.loss_mask
-        else:
-            mask = b["labels"] != IGNORE_INDEX
-        mask = mask.to(losses.dtype)
+        out = model(b["tokens"], b["position_ids"], frames, b["labels"], b["cu_seqlens"],
+                    b["frames_per_sample"])
+        losses = out.output  # this rank's rows (its MM-SP shard at SP > 1)
+        mask = out.loss_mask.to(losses.dtype)
         if nan_at is not None and state is not None and state["iteration"] + 1 == nan_at:
             losses = losses * float("nan")  # test hook: --debug-nan-at-iteration
 

@@ -31,7 +31,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
-from megatron_longvila.parallel.attention import (block_backward, block_forward,  # noqa: E402
+from megatron_longvila.kernels.attention import (block_backward, block_forward,  # noqa: E402
                                                   ring_attention, varlen_block, _merge)
 from megatron_longvila.parallel.balance import balance_report  # noqa: E402
 from megatron_longvila.parallel.layout import SequenceLayout  # noqa: E402
@@ -343,7 +343,7 @@ def check_dist(lines):
     """torchrun on >= 2 GPUs: attention_2d over NCCL (Ulysses x ring) vs float64."""
     import torch.distributed as dist
     from types import SimpleNamespace
-    from megatron_longvila.parallel.attention import attention_2d
+    from megatron_longvila.kernels.attention import attention_2d
     dist.init_process_group("nccl")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.cuda.set_device(rank % torch.cuda.device_count())

@@ -248,7 +248,7 @@ class Worker:
                     wall_s=time.time() - t)
 
     def do_attention(self, item, lay):
-        from megatron_longvila.parallel.attention import attention_2d
+        from megatron_longvila.kernels.attention import attention_2d
         from megatron_longvila.parallel.groups import get_mmsp_groups
         from megatron_longvila.parallel.layout import SequenceLayout
         t_setup = time.time()

@@ -50,6 +50,8 @@ sys.path.insert(0, _HERE)
 from megatron_longvila.training.flops import step_flops  # noqa: E402
 from megatron_longvila.training.train import use_fused_adam  # noqa: E402
 from megatron_longvila.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
+from megatron_longvila.evaluation.hf_reference import HFLongVILA  # noqa: E402
+from megatron_longvila.evaluation.hf_reference import hf_modules as reference_modules  # noqa: E402
 
 MODES = ("none", "vision", "full")
 
@@ -210,9 +212,9 @@ class Ours:
         vis_cfg.recompute_granularity = "full" if mode in ("full", "vision") else None
 
     def loss(self, b):
-        losses = self.ddp(b["tokens"], b["position_ids"], b["frames"], b["labels"],
-                          b["cu_seqlens"], b["frames_per_sample"])
-        return losses.sum() / b["n_valid"]
+        out = self.ddp(b["tokens"], b["position_ids"], b["frames"], b["labels"],
+                       b["cu_seqlens"], b["frames_per_sample"])
+        return out.output.sum() / b["n_valid"]
 
     def step(self, b):
         self.ddp.zero_grad_buffer()
@@ -283,57 +285,28 @@ def _register_sdpa_docs():
 
 def hf_modules(cfg, attn="sdpa", device="cpu", dtype=torch.float32, seed=0):
     """Random transformers modules of our shapes (full-depth SigLIP, so weights map 1:1)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
-    from megatron_longvila.models.projector import MultimodalProjector
     impl = {"sdpa": "sdpa", "docs": "sdpa_docs", "eager": "eager"}[attn]
     if impl == "sdpa_docs":
         _register_sdpa_docs()
-    l, v = cfg.llm, cfg.vision
-    if l.family != "qwen2":
-        raise ValueError("the reference is built for the qwen2 presets")
-    torch.manual_seed(seed)
-    with torch.device(device):
-        lm = Qwen2ForCausalLM(Qwen2Config(
-            vocab_size=l.vocab_size, hidden_size=l.hidden_size,
-            intermediate_size=l.ffn_hidden_size, num_hidden_layers=l.num_layers,
-            num_attention_heads=l.num_attention_heads, num_key_value_heads=l.num_query_groups,
-            rms_norm_eps=l.norm_eps, rope_theta=l.rope_base,
-            max_position_embeddings=max(l.max_position_embeddings, 1 << 20),
-            tie_word_embeddings=l.tie_word_embeddings, attn_implementation=impl,
-            use_cache=False))
-        vt = SiglipVisionModel(SiglipVisionConfig(
-            hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-            num_hidden_layers=v.num_layers, num_attention_heads=v.num_attention_heads,
-            image_size=v.image_size, patch_size=v.patch_size, layer_norm_eps=v.norm_eps,
-            vision_use_head=False, attn_implementation="eager" if attn == "eager" else "sdpa"))
-        proj = MultimodalProjector(cfg.projector_type, v.hidden_size, l.hidden_size)
-    return lm.to(dtype), vt.to(dtype), proj.to(dtype)
+    return reference_modules(cfg, impl, "eager" if attn == "eager" else "sdpa", dtype=dtype,
+                             device=device, seed=seed, use_cache=False,
+                             max_position_embeddings=max(cfg.llm.max_position_embeddings, 1 << 20))
 
 
-class HFReference(torch.nn.Module):
-    """SigLIP (the blocks that run) -> projector -> Qwen2ForCausalLM, VILA's data flow."""
+class HFReference(HFLongVILA):
+    """The library's HF reference (VILA's data flow), the packed row in one call: its document
+    mask comes from ``_sdpa_docs`` (attn "docs") or from transformers' packed-sequence
+    detection on the restarting position ids (attn "sdpa"). Returns the mean token loss."""
 
     def __init__(self, cfg, lm, vt, proj, attn):
-        super().__init__()
-        self.cfg, self.lm, self.vt, self.proj, self.attn = cfg, lm, vt, proj, attn
-        enc = getattr(vt, "vision_model", vt).encoder  # transformers 5.x moved it around
-        enc.layers = enc.layers[: cfg.vision_layers_used]  # hidden_states[select] = this output
+        super().__init__(cfg, lm, vt, proj, truncate_vision=True)
+        self.attn = attn
 
     def forward(self, tokens, position_ids, frames, labels, seg_lens):
-        vm = getattr(self.vt, "vision_model", self.vt)
-        visual = None
-        if frames.shape[0]:
-            x = vm.encoder(inputs_embeds=vm.embeddings(frames)).last_hidden_state
-            visual = self.proj(x).flatten(0, 1)
-        vis = tokens == IMAGE_TOKEN_INDEX
-        emb = self.lm.get_input_embeddings()(tokens.masked_fill(vis, 0))
-        if visual is not None:
-            emb = emb.masked_scatter(vis[..., None], visual.to(emb.dtype))
-        # our labels are the next token already; transformers shifts them itself
-        hf_labels = torch.cat([torch.full_like(labels[:, :1], IGNORE_INDEX), labels[:, :-1]], 1)
         # read by _sdpa_docs, also when gradient checkpointing recomputes in the backward
         _DOC_BOUNDS["bounds"] = [0] + torch.tensor(seg_lens).cumsum(0).tolist()
-        return self.lm(inputs_embeds=emb, position_ids=position_ids, labels=hf_labels).loss
+        out = super().forward(tokens, position_ids, frames, labels, per_sample=False)
+        return out.output.sum() / out.loss_mask.sum()
 
 
 class HF:
@@ -493,7 +466,7 @@ def sanity(device):
                     dtype=torch.bfloat16)
     t = time.perf_counter()
     losses = model(b["tokens"], b["position_ids"], b["frames"], b["labels"], b["cu_seqlens"],
-                   b["frames_per_sample"])
+                   b["frames_per_sample"]).output
     loss = losses.sum() / b["n_valid"]
     loss.backward()
     sync(device)

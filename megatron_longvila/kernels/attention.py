@@ -1,5 +1,9 @@
-"""MM-SP 2D attention: Ulysses all-to-all inside the Ulysses group, ring attention across
-the ring group, document (varlen) + causal masks from the global layout.
+"""Attention kernels: varlen blocks, ring attention, Ulysses all-to-all, the MM-SP 2D attention.
+
+The math of MM-SP attention on plain tensors and process groups (it knows no model and no
+batch layout: a layout describes its attention as :class:`VarlenBlock` s). Ulysses all-to-all
+inside the Ulysses group, ring attention across the ring group, document (varlen) + causal
+masks given by the blocks.
 
 Shapes (``b`` = 1, packed): local ``q [s, h, d]``, ``k/v [s, g, d]`` with ``h`` heads and ``g``
 KV heads per tensor-parallel rank. Steps:
@@ -27,14 +31,67 @@ cuDNN. (The flash-attn package is not used: torch's own flash kernel is the same
 """
 
 import os
-from typing import List, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from .layout import VarlenBlock
 
 _NEG_INF = float("-inf")
+
+
+@dataclass
+class VarlenBlock:
+    """One varlen attention call between a query shard and a key/value shard.
+
+    Segment ``i`` lets local query rows ``q_ranges[i]`` attend to local key rows
+    ``k_ranges[i]``; with ``causal`` every segment is square and causally masked.
+    Query ranges are disjoint and increasing; rows in no segment get no contribution.
+    """
+    q_ranges: List[Tuple[int, int]]
+    k_ranges: List[Tuple[int, int]]
+    causal: bool
+    q_len: int
+    k_len: int
+    _cache: Dict = field(default_factory=dict, repr=False, compare=False)
+
+    def pairs(self) -> int:
+        """Number of attended (query, key) pairs."""
+        tot = 0
+        for (qs, qe), (ks, ke) in zip(self.q_ranges, self.k_ranges):
+            n, m = qe - qs, ke - ks
+            tot += n * (n + 1) // 2 if self.causal else n * m
+        return tot
+
+    @staticmethod
+    def _index(ranges, total):
+        if len(ranges) and ranges[0][0] == 0 and ranges[-1][1] == total and all(
+                a[1] == b[0] for a, b in zip(ranges[:-1], ranges[1:])):
+            return None  # identity
+        return torch.cat([torch.arange(s, e) for s, e in ranges]) if ranges else \
+            torch.zeros(0, dtype=torch.long)
+
+    def tensors(self, device):
+        """``(q_index|None, k_index|None, cu_q int32, cu_k int32, max_q, max_k)`` on ``device``."""
+        key = str(device)
+        if key not in self._cache:
+            qi, ki = self._index(self.q_ranges, self.q_len), self._index(self.k_ranges, self.k_len)
+            lq = [e - s for s, e in self.q_ranges]
+            lk = [e - s for s, e in self.k_ranges]
+            cu_q = torch.tensor([0] + list(_cumsum(lq)), dtype=torch.int32)
+            cu_k = torch.tensor([0] + list(_cumsum(lk)), dtype=torch.int32)
+            mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+            self._cache[key] = (mv(qi), mv(ki), cu_q.to(device), cu_k.to(device),
+                                max(lq, default=0), max(lk, default=0))
+        return self._cache[key]
+
+
+def _cumsum(xs):
+    t = 0
+    for x in xs:
+        t += x
+        yield t
 
 
 def _backend(x: torch.Tensor) -> str:
