@@ -52,7 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--override-checkpoint-config", action="store_true",
                    help="build the model from the flags even if --load has a config")
     g.add_argument("--transformer-impl", choices=("local", "transformer_engine", "auto"),
-                   default="auto")
+                   default="auto",
+                   help="auto: the local spec (verified on CPU and GPU) until a Transformer "
+                        "Engine run is measured; transformer_engine: runs it and warns that this "
+                        "path is not verified")
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
 
     g = p.add_argument_group("parallelism")
@@ -118,6 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resume model/optimizer/scheduler but restart the sample stream (needed "
                         "when the data-parallel size or the data changed)")
     g.add_argument("--keep-last-checkpoints", type=int, default=None)
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="with --use-distributed-optimizer: save its state per parameter in model "
+                        "space (loads at any TP x SP x DP; gathers the state over DP at each "
+                        "save) instead of Megatron's default dp_reshardable shards (fully "
+                        "parallel; load at another DP/SP size, same TP)")
     # test hooks: SIGKILL this process at a point of the run (exact-resume / crash tests)
     g.add_argument("--debug-kill-after-iteration", type=int, default=None, help=argparse.SUPPRESS)
     g.add_argument("--debug-kill-during-save", type=int, default=None, help=argparse.SUPPRESS)
@@ -204,9 +212,6 @@ def validate_args(args, world_size: int):
     if args.pipeline_model_parallel_size != 1:
         _err(f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}: pipeline "
              "parallelism is not supported (LongVILA scales with TP x SP x DP)")
-    if args.use_distributed_optimizer and not _cuda():
-        _err("--use-distributed-optimizer needs CUDA GPUs: Megatron-Core's DistributedOptimizer "
-             "accepts only CUDA parameters (drop the flag on the CPU)")
     if args.overlap_grad_reduce and not _cuda():
         _err("--overlap-grad-reduce needs CUDA GPUs (Megatron-Core's DDP overlaps on a CUDA "
              "stream); drop the flag on the CPU")
@@ -238,6 +243,9 @@ def validate_args(args, world_size: int):
     if cfg.vision.num_attention_heads % tp:
         _err(f"vision attention heads {cfg.vision.num_attention_heads} are not divisible by "
              f"--tensor-model-parallel-size {tp}")
+    if args.transformer_impl == "transformer_engine":
+        from .models.specs import resolve_transformer_impl
+        resolve_transformer_impl(args.transformer_impl)  # not importable: error; else a warning
     if args.sequence_parallel and tp == 1:
         args.sequence_parallel = False  # as Megatron-LM: nothing to split
     if args.sequence_parallel:

@@ -96,6 +96,28 @@ _CUDA_LITERAL_MODULES = (
 )
 
 
+def _cpu_dist_opt_init(orig):
+    # DistributedOptimizer.__init__ sorts parameters into fp16/bf16 and fp32 groups by comparing
+    # ``param.type()`` with 'torch.cuda.{Half,BFloat16,Float}Tensor' and raises TypeError for
+    # anything else, i.e. for every CPU parameter. The sorting is by dtype only; while the
+    # constructor runs, a CPU tensor's type() answers with the CUDA name of its dtype. Nothing
+    # else changes: buffers, shards and the reduce-scatter / all-gather run on the CPU over gloo.
+    def __init__(self, *args, **kwargs):
+        saved = torch.Tensor.type
+
+        def cuda_type(t, dtype=None, non_blocking=False, **kw):
+            if dtype is None and not kw and t.device.type == "cpu":
+                return saved(t).replace("torch.", "torch.cuda.", 1)
+            return saved(t, dtype, non_blocking, **kw)
+
+        torch.Tensor.type = cuda_type
+        try:
+            orig(self, *args, **kwargs)
+        finally:
+            torch.Tensor.type = saved
+    return __init__
+
+
 def enable():
     """Install the CPU shims if (and only if) CUDA is not available. Idempotent."""
     global _ENABLED
@@ -113,6 +135,8 @@ def enable():
     from megatron.core.optimizer import optimizer as mcore_optimizer
     mcore_clip_grads.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
     mcore_optimizer.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    DistributedOptimizer.__init__ = _cpu_dist_opt_init(DistributedOptimizer.__init__)
     proxy = _CudaToCpuTorch()
     for name in _CUDA_LITERAL_MODULES:
         importlib.import_module(name).torch = proxy

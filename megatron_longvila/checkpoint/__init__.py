@@ -16,7 +16,9 @@ public names here. Layout of a save directory ``SAVE``::
     SAVE/release/                            a model-only checkpoint (converted HF weights)
 
 Model and optimizer are sharded tensors in the model's full (unsharded) coordinate space, so a
-checkpoint loads at another tensor/sequence/data-parallel layout.
+checkpoint loads at another tensor/sequence/data-parallel layout. The distributed optimizer's
+state is saved in one of Megatron-Core's formats (``OPTIM_SHARDING_TYPES``): by default
+dp_reshardable (loads at another DP/SP size, the same TP), or fully_reshardable (any layout).
 
 Crash safety (:mod:`megatron_longvila.utils.atomic`): a checkpoint is written into
 ``SAVE/.tmp_iter_0000100`` (files fsynced), renamed to ``iter_0000100`` and only then named by
@@ -31,7 +33,7 @@ What the trainer adds (optimizer, scheduler, RNG, loader) is assembled in
 from .files import (CONFIG_FILE, FORMAT_VERSION, RANK_STATE_DIR, RELEASE, TRACKER_FILE,
                     checkpoint_dir, checkpoint_name, has_checkpoint, read_checkpoint_config,
                     read_tracker, write_config, write_tracker)
-from .sharded import (barrier, current_layout, layout_ranks, load_model_into, load_model_weights,
+from .sharded import (OPTIM_SHARDING_TYPES, barrier, current_layout, layout_ranks, load_model_into, load_model_weights,
                       load_sharded, model_common_state, model_sharded_state_dict, prune, rank,
                       read_common_state, read_rank_state, save_model_checkpoint, save_sharded,
                       saved_keys, sharded_metadata, unwrap_model)
@@ -39,7 +41,7 @@ from .sharded import (barrier, current_layout, layout_ranks, load_model_into, lo
 __all__ = [
     "CONFIG_FILE", "FORMAT_VERSION", "RANK_STATE_DIR", "RELEASE", "TRACKER_FILE",
     "checkpoint_dir", "checkpoint_name", "has_checkpoint", "read_checkpoint_config",
-    "read_tracker", "write_config", "write_tracker", "barrier", "current_layout", "layout_ranks",
+    "read_tracker", "write_config", "write_tracker", "OPTIM_SHARDING_TYPES", "barrier", "current_layout", "layout_ranks",
     "load_model_into", "load_model_weights", "load_sharded", "model_common_state",
     "model_sharded_state_dict", "prune", "rank", "read_common_state", "read_rank_state",
     "save_model_checkpoint", "save_sharded", "saved_keys", "sharded_metadata", "unwrap_model",

@@ -13,6 +13,7 @@ import shutil
 from typing import Any, Callable, Dict, Optional, Union
 
 import psutil  # noqa: F401 - Megatron-Core's torch_dist writer hangs on the CPU without it
+import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.serialization import load_tensors_metadata
@@ -61,14 +62,31 @@ def layout_ranks() -> Dict[str, int]:
                 cp_rank=ps.get_context_parallel_rank(), dp_rank=ps.get_data_parallel_rank())
 
 
-def sharded_metadata() -> Dict[str, Any]:
-    """The ``metadata`` passed to every ``sharded_state_dict`` call (model and optimizer).
+# Megatron-Core's distributed optimizer formats (``distrib_optim_sharding_type``); 0.16 saves
+# two of them (its older "fully_sharded_model_space" needs ShardedTensor.flattened_range, which
+# 0.16's checkpointing refuses):
+#   dp_reshardable    (default, Megatron-LM's): each rank writes its own shard of the flat
+#                     optimizer buffers, no communication; loads at another data-parallel size
+#                     (the shards span DP x SP), not at another TP size.
+#   fully_reshardable (--dist-ckpt-optim-fully-reshardable): the shards are gathered over DP
+#                     and written as one tensor per parameter in model space, so it loads at any
+#                     TP x SP x DP layout; costs a gather and host memory of the whole state.
+# A plain (non-distributed) optimizer ignores the key: its state is always in model space.
+OPTIM_SHARDING_TYPES = ("dp_reshardable", "fully_reshardable")
 
-    fully_sharded_model_space: optimizer state as tensors in model space, so it reshards over
-    TP/SP/DP like the weights."""
-    return {"distrib_optim_sharding_type": "fully_sharded_model_space",
-            "chained_optim_avoid_prefix": True,
-            "singleton_local_shards": False}
+
+def sharded_metadata(optim_sharding: str = "dp_reshardable") -> Dict[str, Any]:
+    """The ``metadata`` passed to every ``sharded_state_dict`` call (model and optimizer)."""
+    if optim_sharding not in OPTIM_SHARDING_TYPES:
+        raise ValueError(f"distributed optimizer sharding {optim_sharding!r}: expected one of "
+                         f"{', '.join(OPTIM_SHARDING_TYPES)}")
+    md = {"distrib_optim_sharding_type": optim_sharding,
+          "chained_optim_avoid_prefix": True,
+          "singleton_local_shards": False}
+    if optim_sharding == "fully_reshardable" and not torch.cuda.is_available():
+        # the default gather goes through the device (NCCL); without CUDA gather over gloo
+        md["distrib_optim_fully_reshardable_mem_efficient"] = True
+    return md
 
 
 def model_sharded_state_dict(model):

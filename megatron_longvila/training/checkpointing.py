@@ -1,13 +1,17 @@
 """Training checkpoints: what the trainer adds to the checkpoint format of
 :mod:`megatron_longvila.checkpoint` (optimizer, scheduler, RNG states, loader position).
 
-Each rank's RNG states and data-loader state go into the checkpoint's per-rank JSON state. RNG
+Each rank's RNG states and data-loader state go into the checkpoint's per-rank JSON state.
+The distributed optimizer's state is saved in Megatron-Core's dp_reshardable (default) or
+fully_reshardable format (see ``checkpoint.OPTIM_SHARDING_TYPES``), with the workarounds its
+0.16 load needs with torch's Adam (below). RNG
 states load only at the same layout; the loader state only at the same data-parallel size.
 Public: :func:`save_checkpoint`, :func:`load_checkpoint`, :func:`get_rng_state`,
 :func:`set_rng_state`; everything else is the checkpoint package's.
 """
 
 import base64
+import contextlib
 import json
 import random
 from typing import Any, Callable, Dict, Optional, Union
@@ -55,21 +59,133 @@ def set_rng_state(state: Dict[str, Any]):
         {k: _unb64(v) for k, v in state["tracker"].items()})
 
 
+# ------------------------------------------------------------------ distributed optimizer
+
+def _distributed_optimizers(optimizer):
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    inner = getattr(optimizer, "chained_optimizers", [optimizer])
+    return [o for o in inner if isinstance(o, DistributedOptimizer)]
+
+
+def _saved_optimizer_sharding(common: Dict[str, Any]) -> Optional[str]:
+    """The distributed-optimizer format of a checkpoint (None: a plain optimizer's state)."""
+    opt = common.get("optimizer")
+    if isinstance(opt, dict):
+        if "param_state_sharding_type" in opt:
+            return opt["param_state_sharding_type"]
+        for v in opt.values():  # a chained optimizer's sub-states
+            if isinstance(v, dict) and "param_state_sharding_type" in v:
+                return v["param_state_sharding_type"]
+    return None
+
+
+def _check_optimizer_loadable(path: str, optimizer, saved_sharding: Optional[str],
+                              saved_layout: Dict[str, int]):
+    """A one-line error for an optimizer state this run cannot take (before any tensor I/O)."""
+    distributed = bool(_distributed_optimizers(optimizer))
+    if distributed and saved_sharding is None:
+        raise ValueError(f"{path}: the optimizer state was saved without "
+                         "--use-distributed-optimizer; this run uses it (load with "
+                         "--no-load-optim to keep only the weights)")
+    if not distributed and saved_sharding is not None:
+        raise ValueError(f"{path}: the optimizer state was saved by the distributed optimizer "
+                         f"({saved_sharding}); this run needs --use-distributed-optimizer (or "
+                         "--no-load-optim to keep only the weights)")
+    if saved_sharding is not None and saved_sharding not in ckpt.OPTIM_SHARDING_TYPES:
+        raise ValueError(f"{path}: distributed optimizer state in format {saved_sharding!r}; "
+                         f"this version reads {', '.join(ckpt.OPTIM_SHARDING_TYPES)}")
+    now = ckpt.current_layout()
+    if saved_sharding == "dp_reshardable" and any(
+            saved_layout.get(k, now[k]) != now[k] for k in ("tp", "pp")):
+        raise ValueError(
+            f"{path}: the distributed optimizer state was saved as dp_reshardable at "
+            f"TP={saved_layout.get('tp')} PP={saved_layout.get('pp')}; this run has "
+            f"TP={now['tp']} PP={now['pp']}, and that format reshards only over data/sequence "
+            "parallel ranks (save with --dist-ckpt-optim-fully-reshardable to change TP, or "
+            "load with --no-load-optim)")
+
+
+def _prepare_distributed_optimizer_for_load(optimizer):
+    """Megatron-Core's DistributedOptimizer.sharded_state_dict(is_loading=True) first reads its
+    own state_dict(), which with torch's Adam (no TE/apex) requires an allocated state with a
+    'step'; a fresh optimizer (no step taken yet) has none. Allocate zero state: the load
+    overwrites every tensor of it and the step (from the saved param groups)."""
+    for o in _distributed_optimizers(optimizer):
+        if len(o.optimizer.state) == 0:
+            for group in o.optimizer.param_groups:
+                for p in group["params"]:
+                    o.optimizer.state[p] = {"step": torch.zeros((), dtype=torch.float32),
+                                            "exp_avg": torch.zeros_like(p),
+                                            "exp_avg_sq": torch.zeros_like(p)}
+
+
+@contextlib.contextmanager
+def _tolerate_missing_step(optimizer):
+    """Megatron-Core 0.16's fully_reshardable load hands DistributedOptimizer.
+    _set_main_param_and_optimizer_states the loaded tensors without torch Adam's 'step' (it
+    skips it on purpose) while that method copies every key of the current state, 'step'
+    included: a KeyError. For the duration of the load a missing key keeps its current value
+    (the step is then set by _restore_distributed_optimizer_steps)."""
+    patched = []
+    for o in _distributed_optimizers(optimizer):
+        orig = o._set_main_param_and_optimizer_states
+
+        def set_states(model_param, tensors, _o=o, _orig=orig):
+            cur = _o._get_main_param_and_optimizer_states(model_param)
+            missing = {k: v for k, v in cur.items() if k not in tensors}
+            _orig(model_param, {**missing, **tensors} if missing else tensors)
+
+        o._set_main_param_and_optimizer_states = set_states
+        patched.append(o)
+    try:
+        yield
+    finally:
+        for o in patched:
+            del o._set_main_param_and_optimizer_states  # back to the class's method
+
+
+def _restore_distributed_optimizer_steps(optimizer, loaded):
+    """Adam's step count after a distributed-optimizer load, as it was saved.
+
+    With torch's Adam (no TE/apex, as on the CPU and on a GPU without them) Megatron-Core 0.16's
+    DistributedOptimizer.load_state_dict sets every parameter's 'step' to the saved count, but
+    then copies the per-parameter state of the request over it, where 'step' is a
+    non-persistent local value (the count before the load), and leaves one 'step' tensor
+    shared by all parameters (which torch's foreach Adam then increments once per parameter).
+    Give every parameter its own step tensor holding the saved count."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+    chained = getattr(optimizer, "chained_optimizers", [optimizer])
+    parts = [loaded] if len(chained) == 1 else [v for _, v in sorted(loaded.items())]
+    for o, part in zip(chained, parts):
+        if not isinstance(o, DistributedOptimizer) or not isinstance(part, dict):
+            continue
+        groups = (part.get("optimizer") or {}).get("param_groups") or []
+        steps = {g["step"] for g in groups if g.get("step") is not None}
+        if len(steps) != 1:
+            continue  # TE/apex FusedAdam: the step lives in the param groups, nothing to fix
+        step = float(steps.pop())
+        for st in o.optimizer.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = torch.full_like(st["step"], step)
+
+
 # ------------------------------------------------------------------ save
 
 def save_checkpoint(save_dir: str, iteration: int, model, optimizer=None, scheduler=None,
                     loader=None, args: Optional[dict] = None, config=None,
                     consumed: Optional[dict] = None, keep_last: Optional[int] = None,
-                    before_commit: Optional[Callable[[str], None]] = None) -> str:
+                    before_commit: Optional[Callable[[str], None]] = None,
+                    optim_sharding: str = "dp_reshardable") -> str:
     """Save a training checkpoint (collective: every rank calls it). Returns its directory.
 
-    ``before_commit``: see :func:`megatron_longvila.checkpoint.save_sharded`."""
+    ``before_commit``: see :func:`megatron_longvila.checkpoint.save_sharded`.
+    ``optim_sharding``: the distributed optimizer's format (``ckpt.OPTIM_SHARDING_TYPES``)."""
     model_sd = ckpt.model_sharded_state_dict(model)
     sd: Dict[str, Any] = dict(ckpt.model_common_state(iteration, ckpt.current_layout()),
                               model=model_sd)
     if optimizer is not None:
-        sd["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=False,
-                                                       metadata=ckpt.sharded_metadata())
+        sd["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=False, metadata=ckpt.sharded_metadata(optim_sharding))
     if scheduler is not None:
         sd["opt_param_scheduler"] = scheduler.state_dict()
     if args is not None:
@@ -103,8 +219,12 @@ def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, loader
     model_sd = ckpt.model_sharded_state_dict(model)
     request: Dict[str, Any] = {"model": model_sd}
     if not weights_only and optimizer is not None:
-        request["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=True,
-                                                            metadata=ckpt.sharded_metadata())
+        saved_sharding = _saved_optimizer_sharding(common)
+        _check_optimizer_loadable(path, optimizer, saved_sharding, common.get("layout") or {})
+        _prepare_distributed_optimizer_for_load(optimizer)
+        request["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=True,
+            metadata=ckpt.sharded_metadata(saved_sharding or "dp_reshardable"))
     sd = ckpt.load_sharded(request, path)
     ckpt.load_model_into(model, sd["model"])
     loaded = ["model"]
@@ -114,7 +234,10 @@ def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, loader
     if weights_only:
         return out
     if optimizer is not None:
-        optimizer.load_state_dict(sd["optimizer"])
+        with torch.no_grad(), _tolerate_missing_step(optimizer):
+            # no_grad: fp32 main params are views of the (leaf) model params
+            optimizer.load_state_dict(sd["optimizer"])
+        _restore_distributed_optimizer_steps(optimizer, sd["optimizer"])
         loaded.append("optimizer")
     if scheduler is not None and "opt_param_scheduler" in common:
         scheduler.load_state_dict(common["opt_param_scheduler"])

@@ -176,25 +176,20 @@ def ensure_data(args):
     cfg = args.model_config
     path = [None]
     if dist.get_rank() == 0:
-        from ..data import make_synthetic_dataset
-        out = args.synthetic_dir
-        if out is None:
-            out = tempfile.mkdtemp(prefix="longvila_synthetic_")
-            args.synthetic_tmp = out  # removed at the end of the run
+        from ..data.synthetic import cached_synthetic_dataset, samples_for_run
+        n = samples_for_run(args.synthetic_videos, args.train_iters, args.global_batch_size,
+                            args.data_parallel_size * max(1, args.num_workers))
         t0 = time.time()
-        if args.synthetic_text_only:
-            d = make_synthetic_dataset(out, num_videos=0, num_text_only=args.synthetic_videos,
-                                       image_size=cfg.vision.image_size, seed=args.seed,
-                                       shard_max_samples=16)
-        else:
-            d = make_synthetic_dataset(out, num_videos=args.synthetic_videos,
-                                       num_frames=args.synthetic_frames,
-                                       frames_per_video=max(12, args.synthetic_frames),
-                                       image_size=cfg.vision.image_size, seed=args.seed,
-                                       shard_max_samples=16, num_workers=min(8, os.cpu_count() or 1))
-        print(f"no --data-path: {args.synthetic_videos} synthetic "
-              f"{'text samples' if args.synthetic_text_only else 'videos'} written to {d} "
-              f"({time.time() - t0:.1f}s)", flush=True)
+        text = args.synthetic_text_only
+        d, reused = cached_synthetic_dataset(
+            args.synthetic_dir, num_videos=0 if text else n, num_text_only=n if text else 0,
+            num_frames=args.synthetic_frames, frames_per_video=max(12, args.synthetic_frames),
+            image_size=cfg.vision.image_size, seed=args.seed, shard_max_samples=16,
+            num_workers=os.cpu_count() or 1, progress=True)
+        print(f"no --data-path: {n} synthetic {'text samples' if text else 'videos'} "
+              f"(--synthetic-videos {args.synthetic_videos}, sized to the run) "
+              f"{'reused from' if reused else 'written to'} {d} ({time.time() - t0:.1f}s)",
+              flush=True)
         path = [d]
     dist.broadcast_object_list(path, src=0)
     return path
@@ -508,7 +503,9 @@ def _save(args, iteration, ddp, optimizer, scheduler, loader, consumed):
         args.save, iteration, ddp, optimizer=optimizer, scheduler=scheduler, loader=loader,
         args=args_for_checkpoint(args), config=args.model_config, consumed=consumed,
         keep_last=args.keep_last_checkpoints,
-        before_commit=_kill_during_save if args.debug_kill_during_save == iteration else None)
+        before_commit=_kill_during_save if args.debug_kill_during_save == iteration else None,
+        optim_sharding="fully_reshardable" if getattr(args, "dist_ckpt_optim_fully_reshardable",
+                                                      False) else "dp_reshardable")
     print_rank0(f"saved checkpoint {path} in {time.time() - t0:.1f}s")
 
 
