@@ -16,6 +16,13 @@ else
         --lr-decay-style cosine --weight-decay 0 --clip-grad 1.0 --num-frames "${FRAMES:-256}"
         --synthetic-frames "${FRAMES:-256}" --synthetic-videos 64 --recompute-granularity full
         --save-interval 200)
+  # SEQ needs the positions stage 4 raised (with its RoPE base), stored in the longvila_config.json
+  # of the checkpoint this stage starts from; without one (LOAD=none, no stage 4 run), raise them
+  # here as stage 4 does, so the default SEQ fits every preset.
+  if [[ ! -f "${SAVE:-runs/stage5_long_sft}/longvila_config.json" &&
+        ! -f "${LOAD:-runs/stage4_context_ext}/longvila_config.json" ]]; then
+    ARGS+=(--rotary-base 5000000 --max-position-embeddings "${SEQ:-65536}")
+  fi
 fi
 LOAD=${LOAD:-runs/stage4_context_ext} longvila_run long-sft runs/stage5_long_sft \
   --context-parallel-size "$SP" --seq-parallel-ring-size "$RING" --seq-parallel-ring-type zigzag_ring_varlen \
