@@ -17,7 +17,6 @@ import os
 import signal
 import socket
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from typing import Any, Dict, List
