@@ -181,11 +181,14 @@ def ensure_data(args):
             args.synthetic_videos, args.train_iters, args.global_batch_size,
             args.data_parallel_size * max(1, args.num_workers))
         t0 = time.time()
-        d, reused = cached_synthetic_dataset(
-            args.synthetic_dir, num_videos=0 if text else n, num_text_only=n if text else 0,
-            num_frames=args.synthetic_frames, frames_per_video=max(12, args.synthetic_frames),
-            image_size=cfg.vision.image_size, seed=args.seed, shard_max_samples=16,
-            num_workers=os.cpu_count() or 1, progress=True)
+        try:
+            d, reused = cached_synthetic_dataset(
+                args.synthetic_dir, num_videos=0 if text else n, num_text_only=n if text else 0,
+                num_frames=args.synthetic_frames, frames_per_video=max(12, args.synthetic_frames),
+                image_size=cfg.vision.image_size, seed=args.seed, shard_max_samples=16,
+                num_workers=os.cpu_count() or 1, progress=True)
+        except FileExistsError as e:
+            raise TrainingError(f"--synthetic-dir: {e}") from e
         print(f"no --data-path: {n} synthetic {'text samples' if text else 'videos'} "
               f"(of --synthetic-videos {args.synthetic_videos}: sized to the run) "
               f"{'reused from' if reused else 'written to'} {d} ({time.time() - t0:.1f}s)",
