@@ -18,6 +18,12 @@ NPROC=${NPROC:-1}
 PY=${PYTHON:-python}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 
+warmup() {  # warmup ITERS TRAIN_ITERS: the recipe's warmup, at most half of a short run
+  local w=$1 t=$2
+  (( w > t / 2 )) && w=$(( t / 2 ))
+  echo "$w"
+}
+
 longvila_run() {  # longvila_run STAGE SAVE_DEFAULT ARGS...
   local stage=$1 save=${SAVE:-$2}; shift 2
   local -a args=(--model "$MODEL" --stage "$stage")

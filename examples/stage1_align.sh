@@ -8,7 +8,8 @@ if [[ "$MODEL" == tiny ]]; then
         --lr-warmup-iters 2 --save-interval 10)
 else
   ARGS=(--seq-length 4096 --micro-batch-size 1 --global-batch-size "${GBS:-256}"
-        --train-iters "${TRAIN_ITERS:-2000}" --lr 1e-3 --min-lr 0 --lr-warmup-iters 60
+        --train-iters "${TRAIN_ITERS:-2000}" --lr 1e-3 --min-lr 0
+        --lr-warmup-iters "$(warmup 60 "${TRAIN_ITERS:-2000}")"
         --lr-decay-style cosine --weight-decay 0 --clip-grad 1.0 --save-interval 500)
 fi
 longvila_run align runs/stage1_align "${ARGS[@]}" "$@"

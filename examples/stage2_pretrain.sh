@@ -7,7 +7,8 @@ if [[ "$MODEL" == tiny ]]; then
         --lr-warmup-iters 2 --save-interval 10)
 else
   ARGS=(--seq-length 4096 --micro-batch-size 1 --global-batch-size "${GBS:-256}"
-        --train-iters "${TRAIN_ITERS:-5000}" --lr 5e-5 --min-lr 0 --lr-warmup-iters 150
+        --train-iters "${TRAIN_ITERS:-5000}" --lr 5e-5 --min-lr 0
+        --lr-warmup-iters "$(warmup 150 "${TRAIN_ITERS:-5000}")"
         --lr-decay-style cosine --weight-decay 0 --clip-grad 1.0 --save-interval 500)
 fi
 LOAD=${LOAD:-runs/stage1_align} longvila_run pretrain runs/stage2_pretrain "${ARGS[@]}" "$@"

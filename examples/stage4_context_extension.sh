@@ -12,7 +12,8 @@ if [[ "$MODEL" == tiny ]]; then
         --synthetic-text-only --save-interval 10)
 else
   ARGS=(--seq-length "${SEQ:-65536}" --micro-batch-size 1 --global-batch-size "${GBS:-32}"
-        --train-iters "${TRAIN_ITERS:-1000}" --lr 2e-5 --min-lr 0 --lr-warmup-iters 30
+        --train-iters "${TRAIN_ITERS:-1000}" --lr 2e-5 --min-lr 0
+        --lr-warmup-iters "$(warmup 30 "${TRAIN_ITERS:-1000}")"
         --lr-decay-style cosine --weight-decay 0 --clip-grad 1.0 --rotary-base 5000000
         --max-position-embeddings "${SEQ:-65536}" --recompute-granularity full
         --synthetic-text-only --save-interval 200)

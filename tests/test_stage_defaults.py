@@ -23,8 +23,9 @@ print("CHECKED " + json.dumps({"seq": a.seq_length, "pos": c.max_position_embedd
 '''
 
 
-@pytest.mark.parametrize("model", ["qwen2-1.5b", "llama3-8b"])
-def test_stage_scripts_defaults_validate_on_presets(tmp_path, model):
+@pytest.mark.parametrize("model,train_iters", [("qwen2-1.5b", None), ("llama3-8b", "2")])
+def test_stage_scripts_defaults_validate_on_presets(tmp_path, model, train_iters):
+    """As written; and as a short test run (TRAIN_ITERS=2: the warmup shrinks with it)."""
     checker = tmp_path / "check.py"
     checker.write_text(CHECKER)
     wrapper = tmp_path / "py"
@@ -32,6 +33,8 @@ def test_stage_scripts_defaults_validate_on_presets(tmp_path, model):
     wrapper.chmod(0o755)
     env = {k: v for k, v in os.environ.items()
            if k not in ("SEQ", "FRAMES", "LOAD", "SAVE", "GBS", "TRAIN_ITERS", "SP", "RING")}
+    if train_iters:
+        env["TRAIN_ITERS"] = train_iters
     env.update(MODEL=model, PYTHON=str(wrapper), PYTHONPATH=ROOT + os.pathsep +
                env.get("PYTHONPATH", ""))
     seen = {}

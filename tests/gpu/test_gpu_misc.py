@@ -15,25 +15,35 @@ from gpucheck import LLM_LAYERS, PRESET, record, records, remove, run, trainer, 
 pytestmark = pytest.mark.gpu
 
 
+FP16_ITERS = 40
+
+
 @pytest.mark.timeout(240)
 def test_fp16_with_loss_scaling():
+    """fp16 with Megatron's dynamic loss scaler (initial scale 2^16, hysteresis 2): overflowing
+    iterations are skipped while the scale backs off, then the updates go through and the loss
+    falls. (The per-token loss is a sum over the global batch's tokens, so its gradients start
+    far above fp16's range at 2^16: the first iterations overflow by design.)"""
     w = work_dir("fp16")
     m = os.path.join(w, "fp16.jsonl")
     remove(m)
     _, out, dt = trainer(["--model", PRESET, "--num-layers", LLM_LAYERS, "--stage", "sft",
                           "--fp16", "--use-distributed-optimizer", "--seq-length", 4096,
-                          "--global-batch-size", 2, "--train-iters", 4, "--lr", 1e-4,
-                          "--lr-warmup-iters", 1, "--metrics-file", m, "--log-interval", 1,
+                          "--global-batch-size", 2, "--train-iters", FP16_ITERS, "--lr", 1e-4,
+                          "--lr-warmup-iters", 1, "--metrics-file", m, "--log-interval", 5,
                           "--synthetic-videos", 16, "--synthetic-frames", 8,
                           "--num-workers", 2, "--seed", 4], 230, os.path.join(w, "fp16.log"))
     recs = records(m)
-    assert [r["iteration"] for r in recs] == [1, 2, 3, 4]
-    finite = [r for r in recs if math.isfinite(r["grad_norm"] or float("nan"))]
-    assert recs[-1]["loss"] == recs[-1]["loss"] and finite, recs
-    record("fp16 + dynamic loss scaling (4 it.)", seconds=round(dt, 1),
-           losses=[round(r["loss"], 4) for r in recs],
-           grad_norms=[r["grad_norm"] for r in recs],
-           note="NaN grad norm = an update skipped by the loss scaler (scale lowered)")
+    assert [r["iteration"] for r in recs] == list(range(1, FP16_ITERS + 1))
+    stepped = [r["iteration"] for r in recs if math.isfinite(r["grad_norm"] or float("nan"))]
+    skipped = FP16_ITERS - len(stepped)
+    record("fp16 + dynamic loss scaling", seconds=round(dt, 1), iterations=FP16_ITERS,
+           skipped_by_scaler=skipped, first_update_at=stepped[0] if stepped else None,
+           loss_first=round(recs[0]["loss"], 4), loss_last=round(recs[-1]["loss"], 4),
+           note="skips = overflow while the scale backs off from 2^16")
+    assert all(math.isfinite(r["loss"]) for r in recs)
+    assert len(stepped) >= 5 and stepped[-1] == FP16_ITERS, (skipped, stepped)
+    assert recs[-1]["loss"] < recs[0]["loss"]
 
 
 # ------------------------------------------------------------------ HF <-> Megatron, real widths
@@ -107,11 +117,12 @@ def test_hf_megatron_hf_real_widths_logits_on_gpu():
     def rel(x):
         return float((x - ref32).norm() / ref32.norm())
     e_ours, e_hf = rel(ours), rel(ref16)
-    # tolerance: the converted model in bf16 is no further from transformers' fp32 logits
-    # than 2x transformers' own bf16 run (plus 1e-3), and argmax agrees on >= 95% of positions
+    # tolerance: the converted model in bf16 is no further from transformers' fp32 logits than
+    # 2x transformers' own bf16 run (+1e-3), and its argmax agrees with fp32 on as many
+    # positions as transformers' bf16 argmax does, less 3 points (random weights give flat
+    # logits, whose argmax any bf16 rounding can flip)
     agree = float((ours.argmax(-1) == ref32.argmax(-1)).float().mean())
-    assert e_ours <= 2 * e_hf + 1e-3, (e_ours, e_hf)
-    assert agree >= 0.95, agree
+    agree_hf = float((ref16.argmax(-1) == ref32.argmax(-1)).float().mean())
     size = sum(os.path.getsize(os.path.join(r, n)) for r, _, ns in
                os.walk(os.path.join(w, "hf")) for n in ns)
     for d in ("hf", "meg", "hf2"):
@@ -120,10 +131,13 @@ def test_hf_megatron_hf_real_widths_logits_on_gpu():
            seconds=round(t1 + t2, 1), tensors_bit_exact=n_tensors,
            hf_checkpoint_gb=round(size / 1e9, 2),
            rel_err_ours_bf16_vs_hf_fp32=round(e_ours, 5),
-           rel_err_hf_bf16_vs_hf_fp32=round(e_hf, 5), argmax_agreement=round(agree, 4),
-           tolerance="ours <= 2 x HF bf16 + 1e-3; argmax >= 95%",
+           rel_err_hf_bf16_vs_hf_fp32=round(e_hf, 5), argmax_agree_ours=round(agree, 4),
+           argmax_agree_hf_bf16=round(agree_hf, 4),
+           tolerance="rel err <= 2 x HF bf16's + 1e-3; argmax agreement >= HF bf16's - 0.03",
            note=f"{LLM_LAYERS} of 28 LLM layers, {VISION_LAYERS} of 27 SigLIP layers, "
                 f"{len(tokens)} tokens with {nf} frames")
+    assert e_ours <= 2 * e_hf + 1e-3, (e_ours, e_hf)
+    assert agree >= agree_hf - 0.03, (agree, agree_hf)
 
 
 def _megatron_logits(cfg, load_dir, tokens, frames):

@@ -89,11 +89,12 @@ def test_generate_on_gpu_checkpoint():
     rc, out, dt = run([sys.executable, "tools/generate.py", "--load", DONE[5], "--video", video,
                        "--num-frames", 8, "--prompt", "What colour is the square?",
                        "--max-new-tokens", 8, "--json"], timeout=140, log=log)
-    line = next(l for l in reversed(out.splitlines()) if l.startswith("{"))
-    res = json.loads(line)
-    assert res, out[-2000:]
+    lines = [l for l in out.splitlines() if l.startswith("{")]
+    assert lines, out[-3000:]
+    res = json.loads(lines[-1])
     record("tools/generate.py on the stage-5 checkpoint", seconds=round(dt, 1),
-           output={k: res[k] for k in list(res)[:4]})
+           output={k: (str(v)[:60] if isinstance(v, str) else v) for k, v in
+                   list(res.items())[:5] if not isinstance(v, (list, dict))})
 
 
 @pytest.mark.timeout(200)
@@ -110,7 +111,9 @@ def test_eval_needle_on_gpu_checkpoint():
                        "--overwrite"], timeout=190, log=os.path.join(w, "eval_needle.log"))
     with open(out_json) as f:
         res = json.load(f)
-    cells = res.get("cells") or res.get("results") or []
-    assert len(cells) == 6 or "accuracy" in json.dumps(res)[:4000], json.dumps(res)[:2000]
+    text = json.dumps(res)
     record("tools/eval_needle.py on the stage-5 checkpoint", seconds=round(dt, 1),
-           cells=len(cells), summary={k: v for k, v in res.items() if not isinstance(v, list)})
+           grid="frames 8,32 x depths 0,0.5,1",
+           summary={k: v for k, v in res.items() if not isinstance(v, (list, dict))},
+           note="random-init model: accuracy is not the point, the run on a GPU checkpoint is")
+    assert "accuracy" in text or "correct" in text, text[:2000]
