@@ -230,12 +230,20 @@ def cached_synthetic_dataset(out_dir: Optional[str], num_videos: int, num_frames
     same settings; else the dataset is written (videos drawn in ``num_workers`` processes)
     into a temporary sibling, which is renamed into place when complete (concurrent runs
     can't see half a dataset). Returns ``(shard_dir, reused)``."""
+    import dataclasses
     import hashlib
     import shutil
+
+    from ..utils.atomic import commit_dir, remove_stale_staging, staging_path
+    from .preprocess import PreprocessConfig
+    # the preprocessing defaults are part of the content (a changed default: another dataset)
+    prep = {k: v for k, v in dataclasses.asdict(PreprocessConfig()).items()
+            if k not in ("num_workers", "progress", "overwrite", "strict")}
     key = {"format": SYNTHETIC_FORMAT, "num_videos": int(num_videos),
            "num_text_only": int(num_text_only), "num_frames": int(num_frames),
            "frames_per_video": int(frames_per_video), "image_size": int(image_size),
-           "seed": int(seed), "shard_max_samples": int(shard_max_samples)}
+           "seed": int(seed), "shard_max_samples": int(shard_max_samples),
+           "preprocess_defaults": prep}
     if out_dir is None:
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         out_dir = os.path.join(synthetic_cache_root(), f"synthetic-{digest}")
@@ -255,9 +263,9 @@ def cached_synthetic_dataset(out_dir: Optional[str], num_videos: int, num_frames
         raise FileExistsError(f"{out_dir} exists and is not a synthetic dataset written by this "
                               "trainer (no synthetic.json); not overwriting it: choose another "
                               "--synthetic-dir or remove it")
-    parent = os.path.dirname(out_dir)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(out_dir)}.tmp-{os.getpid()}")
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    remove_stale_staging(out_dir)
+    tmp = staging_path(out_dir)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         make_synthetic_dataset(tmp, num_videos=num_videos, num_frames=num_frames,
@@ -270,13 +278,7 @@ def cached_synthetic_dataset(out_dir: Optional[str], num_videos: int, num_frames
         if holds_key():  # another run finished the same dataset meanwhile
             shutil.rmtree(tmp, ignore_errors=True)
             return os.path.join(out_dir, "wds"), True
-        if os.path.exists(out_dir):  # ours, with other settings: replace it
-            old = f"{tmp}.old"
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
+        commit_dir(tmp, out_dir, replace=True)  # ours with other settings (or none): replaced
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
