@@ -67,7 +67,7 @@ def test_sigkill_during_training_then_resume():
     resumed = records(m2)
     assert [r["iteration"] for r in resumed] == [3, 4]
     diffs = _compare(resumed, ref)
-    STATE["killed_save"] = save
+    remove(save)
     record("SIGKILL during training (after it. 3, ckpt 2), resume", seconds=round(dt, 1),
            ref_losses={k: round(v, 5) for k, v in ref.items()},
            resumed_losses={r["iteration"]: round(r["loss"], 5) for r in resumed},
