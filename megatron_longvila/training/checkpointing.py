@@ -67,6 +67,16 @@ def _distributed_optimizers(optimizer):
     return [o for o in inner if isinstance(o, DistributedOptimizer)]
 
 
+def _optimizer_metadata(optimizer, optim_sharding: str) -> Dict[str, Any]:
+    """The sharded-state metadata for ``optimizer``. A plain (non-distributed) optimizer's state
+    is in model space whatever the format key says; the key only decides whether a
+    ChainedOptimizer prefixes its sub-optimizers' keys, so it keeps the model-space value its
+    checkpoints were always saved with."""
+    if not _distributed_optimizers(optimizer):
+        optim_sharding = "fully_reshardable"
+    return ckpt.sharded_metadata(optim_sharding)
+
+
 def _saved_optimizer_sharding(common: Dict[str, Any]) -> Optional[str]:
     """The distributed-optimizer format of a checkpoint (None: a plain optimizer's state)."""
     opt = common.get("optimizer")
@@ -185,7 +195,7 @@ def save_checkpoint(save_dir: str, iteration: int, model, optimizer=None, schedu
                               model=model_sd)
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=False, metadata=ckpt.sharded_metadata(optim_sharding))
+            model_sd, is_loading=False, metadata=_optimizer_metadata(optimizer, optim_sharding))
     if scheduler is not None:
         sd["opt_param_scheduler"] = scheduler.state_dict()
     if args is not None:
@@ -224,7 +234,7 @@ def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, loader
         _prepare_distributed_optimizer_for_load(optimizer)
         request["optimizer"] = optimizer.sharded_state_dict(
             model_sd, is_loading=True,
-            metadata=ckpt.sharded_metadata(saved_sharding or "dp_reshardable"))
+            metadata=_optimizer_metadata(optimizer, saved_sharding or "dp_reshardable"))
     sd = ckpt.load_sharded(request, path)
     ckpt.load_model_into(model, sd["model"])
     loaded = ["model"]
