@@ -161,6 +161,7 @@ def _megatron_logits(cfg, load_dir, tokens, frames):
                     frames.to(torch.bfloat16),
                     cu_seqlens=torch.tensor([0, n], dtype=torch.int32, device=tokens.device),
                     parallel_output=False)
+    out = getattr(out, "output", out)  # LongVILAOutput (SP=1: rows in input order)
     return out[0].float()
 
 
