@@ -24,7 +24,8 @@ setup(
         "psutil",  # megatron-core dist checkpointing's writer hangs on the CPU without it
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "matplotlib", "megatron-energon", "pyarrow"],
+        "test": ["pytest>=7", "pytest-timeout", "matplotlib", "megatron-energon", "pyarrow",
+                 "imageio-ffmpeg"],  # a static ffmpeg: reference decoding in the video tests
         "text": ["pyarrow"],  # parquet text corpora
         "energon": ["megatron-energon"],
         "eval": ["matplotlib"],

@@ -3,8 +3,13 @@
 One sample per annotation entry. In the tar, sample ``<key>`` holds
   ``<key>.json``        {"conversations": [...], "media": "video"|"image"|"text", "source": path,
                          "num_frames": F, "frame_times": [...], "frame_indices": [...],
-                         "start": s|null, "end": e|null, "id": ..., "image_size": H}
+                         "start": s|null, "end": e|null, "id": ..., "image_size": H,
+                         "frame_timing": "timestamps"|"frame index"|null}
   ``<key>.0000.jpg`` .. ``<key>.{F-1:04d}.jpg``  the frames, already resized (or ``.png``)
+The frames are stored as a player shows them (upright, square pixels; see ``data/video.py``);
+``frame_times`` are their presentation times in seconds from the first frame shown (frames
+that an edit list hides do not count), ``frame_indices`` their indices among the frames shown;
+for a stream without timestamps both come from the decoding order ("frame index" timing).
 The key is ``<prefix><annotation index:08d>`` so a sample can be traced to its line.
 
 Shards are written under a temporary name and renamed once complete; the dataset metadata of
@@ -198,15 +203,19 @@ def process_entry(args) -> Tuple[str, str, Any]:
             dec = decode_video(e["media_path"], num_frames=cfg.num_frames, fps=cfg.fps,
                                max_frames=cfg.max_frames, start=e["start"], end=e["end"])
             frames, times, indices = dec.frames, dec.times, dec.indices
+            timing = dec.extra.get("timing")
         elif e["media"] == "image":
             frames, times, indices = [load_image(e["media_path"])], [0.0], [0]
+            timing = None
         else:
             frames, times, indices = [], [], []
+            timing = None
         frames = [resize_frame(f, cfg.image_size, cfg.resize_mode) for f in frames]
         meta = {"conversations": e["conversations"], "media": e["media"],
                 "source": e["media_path"], "id": e["id"], "num_frames": len(frames),
                 "frame_times": [round(t, 6) for t in times], "frame_indices": indices,
-                "start": e["start"], "end": e["end"], "image_size": cfg.image_size}
+                "start": e["start"], "end": e["end"], "image_size": cfg.image_size,
+                "frame_timing": timing}
         sample = {"__key__": key, "json": json.dumps(meta).encode("utf-8")}
         ext = "png" if cfg.image_format == "png" else "jpg"
         for i, f in enumerate(frames):
