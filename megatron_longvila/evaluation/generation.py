@@ -137,6 +137,10 @@ def prefill_logits(model, tokens: torch.Tensor, position_ids: torch.Tensor,
     rank fills the rows it owns and one all-reduce over the SP group assembles them, so only
     the asked-for rows travel (e.g. the last prompt token of a needle question).
     """
+    dev = next(model.parameters()).device  # inputs are built on the host; the model may not be
+    tokens, position_ids = tokens.to(dev), position_ids.to(dev)
+    frames = None if frames is None else frames.to(dev)
+    cu_seqlens = None if cu_seqlens is None else cu_seqlens.to(dev)
     out = model(tokens, position_ids, frames, cu_seqlens=cu_seqlens, parallel_output=False)
     pos = torch.arange(tokens.shape[1]) if positions is None else positions
     return select_rows(out.output[0], out.row_index[0], pos, sp_group())
@@ -148,7 +152,8 @@ def last_token_logits(model, tokens: torch.Tensor, frames: Optional[torch.Tensor
     rank). At SP > 1 the forward is MM-SP-sharded and only the last row travels."""
     S = tokens.shape[1]
     position_ids = torch.arange(S, dtype=torch.long, device=tokens.device)[None]
-    return prefill_logits(model, tokens, position_ids, frames, positions=[S - 1])[0].float()
+    # on the host: token picking (sampling with a CPU generator) is the same on every device
+    return prefill_logits(model, tokens, position_ids, frames, positions=[S - 1])[0].float().cpu()
 
 
 def _pick(logits: torch.Tensor, cfg: GenerationConfig, gen: Optional[torch.Generator]) -> int:
