@@ -63,6 +63,15 @@ def test_stage(k):
            loaded=os.path.basename(prev), note=f"{LLM_LAYERS} of 28 LLM layers")
 
 
+def _stage5_checkpoint():
+    """Stage 5's checkpoint of this run, or GPU_CHECK_CHECKPOINT (rows 6-7 alone, e.g. rerun
+    with -k on a checkpoint made otherwise)."""
+    ckpt = DONE.get(5) or os.environ.get("GPU_CHECK_CHECKPOINT")
+    if not ckpt:
+        pytest.fail("stage 5 did not complete: no GPU checkpoint")
+    return ckpt
+
+
 def _needle_inputs():
     from megatron_longvila.data.synthetic import make_synthetic_videos
     w = work_dir("needle_inputs")
@@ -82,11 +91,10 @@ def _needle_inputs():
 
 @pytest.mark.timeout(150)
 def test_generate_on_gpu_checkpoint():
-    if 5 not in DONE:
-        pytest.fail("stage 5 did not complete: no GPU checkpoint")
+    ckpt = _stage5_checkpoint()
     video, _ = _needle_inputs()
     log = os.path.join(work_dir("stages"), "generate.log")
-    rc, out, dt = run([sys.executable, "tools/generate.py", "--load", DONE[5], "--video", video,
+    rc, out, dt = run([sys.executable, "tools/generate.py", "--load", ckpt, "--video", video,
                        "--num-frames", 8, "--prompt", "What colour is the square?",
                        "--max-new-tokens", 8, "--json"], timeout=140, log=log)
     lines = [l for l in out.splitlines() if l.startswith("{")]
@@ -99,13 +107,12 @@ def test_generate_on_gpu_checkpoint():
 
 @pytest.mark.timeout(200)
 def test_eval_needle_on_gpu_checkpoint():
-    if 5 not in DONE:
-        pytest.fail("stage 5 did not complete: no GPU checkpoint")
+    ckpt = _stage5_checkpoint()
     _, needles = _needle_inputs()
     w = work_dir("stages")
     out_json = os.path.join(w, "niah.json")
     remove(out_json)
-    rc, out, dt = run([sys.executable, "tools/eval_needle.py", "--load", DONE[5],
+    rc, out, dt = run([sys.executable, "tools/eval_needle.py", "--load", ckpt,
                        "--haystack", "synthetic", "--needles", needles, "--frame-counts", "8,32",
                        "--depths", "0,0.5,1", "--max-new-tokens", 4, "--output", out_json,
                        "--overwrite"], timeout=190, log=os.path.join(w, "eval_needle.log"))
