@@ -117,6 +117,10 @@ def setup_model(args, cfg=None):
                         num_kv_heads=cfg.llm.num_query_groups)
     cpu_compat.model_parallel_seed(args.seed)
     model = LongVILAModel(cfg, seq_parallel_ring_type=args.ring_type)
+    if torch.cuda.is_available():
+        # Megatron-Core's layers are created on the GPU, the plain torch modules (patch
+        # embedding, projector) on the host: the whole model goes to the GPU, as in training
+        model.cuda(torch.cuda.current_device())
     if args.load:
         load_weights(model, args.load)
     model.eval()
