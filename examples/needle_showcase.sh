@@ -44,8 +44,8 @@ $RUN pretrain_longvila.py --model tiny --data-path "$OUT/data/wds" \
     --metrics-file "$OUT/metrics.jsonl" 2>&1 | grep -v -i warn
 
 stamp "3/4 needle-in-a-haystack eval (SP=$NPROC)"
-$RUN tools/eval_needle.py --load "$OUT/ckpt" "${EVAL_ARGS[@]}" --overwrite \
-    --output "$OUT/niah_sp$NPROC.json" --heatmap "$OUT/niah.png" 2>&1 | grep -v -i warn
+$RUN tools/eval_needle.py --load "$OUT/ckpt" "${EVAL_ARGS[@]}" --context-parallel-size "$NPROC" \
+    --overwrite --output "$OUT/niah_sp$NPROC.json" --heatmap "$OUT/niah.png" 2>&1 | grep -v -i warn
 
 if [ "${SKIP_CHECKS:-0}" != 1 ]; then
   stamp "4/4 checks: SP=1 eval, HF round trip"
@@ -59,7 +59,7 @@ if [ "${SKIP_CHECKS:-0}" != 1 ]; then
       --overwrite --output "$OUT/niah_transformers.json" 2>&1 | grep -v -i warn | tail -1
   $PY -m megatron_longvila.evaluation.needle compare --common-only "$OUT/niah_sp$NPROC.json" \
       "$OUT/niah_transformers.json"
-  $RUN tools/eval_needle.py --load "$OUT/ckpt_from_hf" "${EVAL_ARGS[@]}" --overwrite \
+  $RUN tools/eval_needle.py --load "$OUT/ckpt_from_hf" "${EVAL_ARGS[@]}" --context-parallel-size "$NPROC" --overwrite \
       --output "$OUT/niah_hf_roundtrip.json" 2>&1 | grep -v -i warn | tail -1
   $PY -m megatron_longvila.evaluation.needle compare "$OUT/niah_sp$NPROC.json" "$OUT/niah_hf_roundtrip.json"
 fi

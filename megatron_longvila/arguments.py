@@ -1,29 +1,48 @@
 """Command-line flags of ``pretrain_longvila.py``: Megatron-LM's names where Megatron has the
-concept, LongVILA's where it does not; every combination validated up front, errors naming the
-numbers.
+concept, LongVILA's where it does not. This module only maps argv to the typed
+:class:`~megatron_longvila.config.RunConfig`; the checks live with each section
+(:func:`~megatron_longvila.config.resolve_run_config`).
 
-``parse_args(argv)`` parses only; ``validate_args(args, world_size)`` checks everything that can
-be checked before a process group exists (sizes, divisibility, paths) and fills derived values
-(data-parallel size, gradient-accumulation steps, the model config).
+    cfg = run_config_from_argv(argv, world_size)   # parse + map + check, errors naming numbers
+
+The parallel flags (both MM-SP spellings) are shared with the evaluation tools through
+:func:`add_parallel_arguments` / :func:`parallel_config_from_args`.
 """
 
 import argparse
-import os
 from typing import List, Optional
 
-from .data.text import is_text_source
-from .parallel.groups import add_mmsp_arguments, resolve_mmsp_arguments
+from .config import (STAGES, TRAINABLE_PARTS, CheckpointConfig, DataConfig, DebugConfig,
+                     LoggingConfig, ModelConfig, OptimizerConfig, ParallelConfig, RunConfig,
+                     TrainingConfig, resolve_run_config)
+from .parallel.groups import add_mmsp_arguments, reconcile_mmsp_flags
 
-STAGES = ("align", "pretrain", "sft", "context-extension", "long-sft")
-# LongVILA's recipe: which parts each stage trains (vision tower, projector, LLM).
-STAGE_TRAINABLE = {
-    "align": ("projector",),
-    "pretrain": ("projector", "llm"),
-    "sft": ("vision", "projector", "llm"),
-    "context-extension": ("llm",),
-    "long-sft": ("vision", "projector", "llm"),
-}
-TRAINABLE_PARTS = ("vision", "projector", "llm")
+
+def add_parallel_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """TP / SP flags, Megatron's and LongVILA's spellings (the trainer's and the tools')."""
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-size", type=int, default=None,
+                   help="MM-SP size (= --seq-parallel-size)")
+    g.add_argument("--hierarchical-context-parallel-sizes", type=int, nargs="+", default=None,
+                   help="ULYSSES RING (= --seq-parallel-ring-size RING)")
+    add_mmsp_arguments(p)
+    return p
+
+
+def parallel_config_from_args(ns: argparse.Namespace) -> ParallelConfig:
+    """The (unchecked) ParallelConfig of the flags of :func:`add_parallel_arguments` (and the
+    trainer's other parallel flags where present)."""
+    cp, ring = reconcile_mmsp_flags(ns.context_parallel_size, ns.seq_parallel_size,
+                                    ns.hierarchical_context_parallel_sizes,
+                                    ns.seq_parallel_ring_size)
+    extra = {k: getattr(ns, k) for k in (
+        "pipeline_model_parallel_size", "sequence_parallel", "use_distributed_optimizer",
+        "overlap_grad_reduce", "distributed_backend", "distributed_timeout_minutes")
+        if k in vars(ns)}
+    return ParallelConfig(tensor_model_parallel_size=ns.tensor_model_parallel_size,
+                          context_parallel_size=cp, ring_size=ring,
+                          ring_type=ns.seq_parallel_ring_type, **extra)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,21 +77,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "path is not verified")
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
 
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    add_parallel_arguments(p)
+    g = p.add_argument_group("distributed")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                    help="only 1 is supported (LongVILA uses TP x SP x DP)")
-    g.add_argument("--context-parallel-size", type=int, default=None,
-                   help="MM-SP size (= --seq-parallel-size)")
-    g.add_argument("--hierarchical-context-parallel-sizes", type=int, nargs="+", default=None,
-                   help="ULYSSES RING (= --seq-parallel-ring-size RING)")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="Megatron's tensor-parallel sequence parallelism (norms/dropout)")
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--overlap-grad-reduce", action="store_true")
     g.add_argument("--distributed-backend", choices=("auto", "nccl", "gloo"), default="auto")
     g.add_argument("--distributed-timeout-minutes", type=int, default=30)
-    add_mmsp_arguments(p)
 
     g = p.add_argument_group("training")
     g.add_argument("--stage", choices=STAGES, default=None,
@@ -176,155 +190,57 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
-def _err(msg):
-    raise ValueError(msg)
+def config_from_args(ns: argparse.Namespace) -> RunConfig:
+    """Map parsed flags onto the (unchecked) RunConfig; nothing else."""
+    if ns.bf16 and ns.fp16:
+        raise ValueError("--bf16 and --fp16 are exclusive")
+    return RunConfig(
+        model=ModelConfig(
+            name=ns.model, vision_model=ns.vision_model, projector_type=ns.projector_type,
+            num_layers=ns.num_layers, hidden_size=ns.hidden_size,
+            ffn_hidden_size=ns.ffn_hidden_size, num_attention_heads=ns.num_attention_heads,
+            num_query_groups=ns.num_query_groups, rotary_base=ns.rotary_base,
+            max_position_embeddings=ns.max_position_embeddings,
+            override_checkpoint_config=ns.override_checkpoint_config,
+            transformer_impl=ns.transformer_impl, recompute_granularity=ns.recompute_granularity,
+            precision="bf16" if ns.bf16 else "fp16" if ns.fp16 else "fp32"),
+        parallel=parallel_config_from_args(ns),
+        data=DataConfig(
+            data_path=ns.data_path, valid_data_path=ns.valid_data_path,
+            tokenizer_model=ns.tokenizer_model, chat_template=ns.chat_template,
+            num_workers=ns.num_workers, num_frames=ns.num_frames,
+            drop_or_subsample=ns.drop_or_subsample, shuffle=not ns.no_shuffle,
+            synthetic_videos=ns.synthetic_videos, synthetic_frames=ns.synthetic_frames,
+            synthetic_text_only=ns.synthetic_text_only, synthetic_dir=ns.synthetic_dir),
+        training=TrainingConfig(
+            stage=ns.stage, trainable=ns.trainable, seq_length=ns.seq_length,
+            micro_batch_size=ns.micro_batch_size, global_batch_size=ns.global_batch_size,
+            train_iters=ns.train_iters, seed=ns.seed, on_nan=ns.on_nan,
+            max_skipped_iters=ns.max_skipped_iters),
+        optimizer=OptimizerConfig(
+            lr=ns.lr, min_lr=ns.min_lr, lr_decay_style=ns.lr_decay_style,
+            lr_decay_iters=ns.lr_decay_iters, lr_warmup_iters=ns.lr_warmup_iters,
+            lr_warmup_init=ns.lr_warmup_init, lr_wsd_decay_iters=ns.lr_wsd_decay_iters,
+            weight_decay=ns.weight_decay, adam_beta1=ns.adam_beta1, adam_beta2=ns.adam_beta2,
+            adam_eps=ns.adam_eps, clip_grad=ns.clip_grad),
+        checkpoint=CheckpointConfig(
+            save=ns.save, load=ns.load, save_interval=ns.save_interval, finetune=ns.finetune,
+            ckpt_step=ns.ckpt_step, load_optim=not ns.no_load_optim,
+            load_rng=not ns.no_load_rng, load_loader_state=not ns.no_load_loader_state,
+            keep_last_checkpoints=ns.keep_last_checkpoints,
+            optim_fully_reshardable=ns.dist_ckpt_optim_fully_reshardable),
+        logging=LoggingConfig(
+            log_interval=ns.log_interval, eval_interval=ns.eval_interval,
+            eval_iters=ns.eval_iters, tensorboard_dir=ns.tensorboard_dir,
+            metrics_file=ns.metrics_file, log_sample_keys=ns.log_sample_keys,
+            peak_tflops=ns.peak_tflops),
+        debug=DebugConfig(
+            kill_after_iteration=ns.debug_kill_after_iteration,
+            kill_during_save=ns.debug_kill_during_save,
+            nan_at_iteration=ns.debug_nan_at_iteration))
 
 
-def build_model_config(args):
-    """The LongVILAConfig of the flags (or of --load's longvila_config.json)."""
-    import dataclasses
-
-    from .models.config import get_preset
-    cfg = None
-    if args.load and not args.override_checkpoint_config:
-        from .checkpoint import read_checkpoint_config
-        cfg = read_checkpoint_config(args.load)
-    if cfg is None:
-        cfg = get_preset(args.model, projector_type=args.projector_type, vision=args.vision_model)
-    over = {k: v for k, v in dict(
-        num_layers=args.num_layers, hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size, num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups, rope_base=args.rotary_base,
-        max_position_embeddings=args.max_position_embeddings).items() if v is not None}
-    if over:
-        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, **over))
-    return cfg
-
-
-def validate_args(args, world_size: int):
-    """Check the flags against the world size and the model; fill derived values."""
-    for name in ("seq_length", "micro_batch_size", "train_iters", "tensor_model_parallel_size",
-                 "pipeline_model_parallel_size", "log_interval", "num_workers"):
-        v = getattr(args, name)
-        if v is None or v < (0 if name == "num_workers" else 1):
-            _err(f"--{name.replace('_', '-')} must be >= {0 if name == 'num_workers' else 1}, "
-                 f"got {v}")
-    if args.pipeline_model_parallel_size != 1:
-        _err(f"--pipeline-model-parallel-size {args.pipeline_model_parallel_size}: pipeline "
-             "parallelism is not supported (LongVILA scales with TP x SP x DP)")
-    if args.overlap_grad_reduce and not _cuda():
-        _err("--overlap-grad-reduce needs CUDA GPUs (Megatron-Core's DDP overlaps on a CUDA "
-             "stream); drop the flag on the CPU")
-    if args.bf16 and args.fp16:
-        _err("--bf16 and --fp16 are exclusive")
-    if args.min_lr > args.lr:
-        _err(f"--min-lr {args.min_lr} is above --lr {args.lr}")
-    if args.lr_warmup_iters < 0:
-        _err(f"--lr-warmup-iters must be >= 0, got {args.lr_warmup_iters}")
-    for flag in ("save_interval", "eval_interval"):
-        v = getattr(args, flag)
-        if v is not None and v < 1:
-            _err(f"--{flag.replace('_', '-')} must be >= 1, got {v}")
-    if args.save_interval and not args.save:
-        args.save_interval = None  # nothing to save to (e.g. SAVE=none in examples/)
-
-    cfg = build_model_config(args)
-    args.model_config = cfg
-    tp = args.tensor_model_parallel_size
-    resolve_mmsp_arguments(args, world_size, tp=tp, num_heads=cfg.llm.num_attention_heads,
-                           num_kv_heads=cfg.llm.num_query_groups,
-                           pp=args.pipeline_model_parallel_size)
-    cp = args.context_parallel_size
-    if cfg.llm.vocab_size % tp:
-        _err(f"vocab size {cfg.llm.vocab_size} is not divisible by --tensor-model-parallel-size {tp}")
-    if cfg.llm.ffn_hidden_size % tp:
-        _err(f"FFN hidden size {cfg.llm.ffn_hidden_size} is not divisible by "
-             f"--tensor-model-parallel-size {tp}")
-    if cfg.vision.num_attention_heads % tp:
-        _err(f"vision attention heads {cfg.vision.num_attention_heads} are not divisible by "
-             f"--tensor-model-parallel-size {tp}")
-    if args.transformer_impl == "transformer_engine":
-        from .models.specs import resolve_transformer_impl
-        resolve_transformer_impl(args.transformer_impl)  # not importable: error; else a warning
-    if args.sequence_parallel and tp == 1:
-        args.sequence_parallel = False  # as Megatron-LM: nothing to split
-    if args.sequence_parallel:
-        from .models.specs import resolve_transformer_impl
-        if resolve_transformer_impl(args.transformer_impl) != "transformer_engine":
-            _err("--sequence-parallel needs --transformer-impl transformer_engine (with "
-                 "transformer-engine installed, e.g. in the NGC image): Megatron-Core's torch "
-                 "norms do not support sequence parallelism")
-    dp = world_size // (tp * cp)
-    args.world_size, args.data_parallel_size = world_size, dp
-    # the sequence must split into 2 x ring x ulysses chunks per sub-sequence layout; the
-    # packed row length must at least be a multiple of the layout quantum
-    ulysses, ring = cp // args.seq_parallel_ring_size, args.seq_parallel_ring_size
-    quantum = (2 * ring if "zigzag" in args.seq_parallel_ring_type and ring > 1 else ring) * ulysses
-    if args.sequence_parallel:
-        quantum *= tp
-    if cp > 1 and (args.seq_length * args.micro_batch_size) % quantum:
-        _err(f"--seq-length {args.seq_length} (x micro-batch {args.micro_batch_size}) cannot be "
-             f"split by the sequence-parallel layout: it must be a multiple of {quantum} "
-             f"(sp {cp} = {ulysses} Ulysses x {ring} ring, {args.seq_parallel_ring_type}"
-             f"{', x tp for --sequence-parallel' if args.sequence_parallel else ''})")
-    if args.global_batch_size is None:
-        args.global_batch_size = args.micro_batch_size * dp
-    if args.global_batch_size % (args.micro_batch_size * dp):
-        _err(f"--global-batch-size {args.global_batch_size} is not divisible by "
-             f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp} "
-             f"(= world {world_size} / (tp {tp} x sp {cp}))")
-    args.num_micro_batches = args.global_batch_size // (args.micro_batch_size * dp)
-    if args.seq_length > cfg.llm.max_position_embeddings:
-        _err(f"--seq-length {args.seq_length} exceeds the model's max position embeddings "
-             f"{cfg.llm.max_position_embeddings} (raise --max-position-embeddings)")
-
-    # trainable parts
-    if args.trainable is None:
-        args.trainable = list(STAGE_TRAINABLE[args.stage]) if args.stage else list(TRAINABLE_PARTS)
-
-    # paths
-    if args.load is not None:
-        from .checkpoint import TRACKER_FILE
-        if not os.path.isdir(args.load):
-            _err(f"--load {args.load}: no such directory")
-        if not os.path.isfile(os.path.join(args.load, TRACKER_FILE)) and not (
-                args.save and os.path.abspath(args.save) == os.path.abspath(args.load)):
-            _err(f"--load {args.load}: no {TRACKER_FILE} there (no completed checkpoint)")
-        if args.ckpt_step is not None:
-            from .checkpoint import checkpoint_name
-            step_dir = os.path.join(args.load, checkpoint_name(args.ckpt_step))
-            if not os.path.isfile(os.path.join(step_dir, "metadata.json")):
-                _err(f"--ckpt-step {args.ckpt_step}: no complete checkpoint {step_dir}")
-    for flag in ("data_path", "valid_data_path"):
-        paths = getattr(args, flag) or []
-        for item in paths:
-            if _is_number(item):
-                continue
-            if not (os.path.isdir(item) or is_text_source(item)):
-                _err(f"--{flag.replace('_', '-')} {item}: no such shard directory, text corpus "
-                     f"(.jsonl/.json/.parquet) or Megatron indexed dataset (PREFIX.bin/.idx)")
-    if args.tokenizer_model is None:
-        if args.model != "tiny" and args.data_path:
-            _err(f"--tokenizer-model is required for model {args.model!r}")
-        args.tokenizer_model = "tiny"
-    elif args.tokenizer_model != "tiny" and not os.path.exists(args.tokenizer_model):
-        _err(f"--tokenizer-model {args.tokenizer_model}: no such file or directory")
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    if args.lr_warmup_iters > args.lr_decay_iters:
-        _err(f"--lr-warmup-iters {args.lr_warmup_iters} exceeds the decay iterations "
-             f"{args.lr_decay_iters} (--lr-decay-iters, default --train-iters)")
-    return args
-
-
-def _cuda() -> bool:
-    import torch
-    return torch.cuda.is_available()
-
-
-def _is_number(s) -> bool:
-    try:
-        float(s)
-        return True
-    except (TypeError, ValueError):
-        return False
+def run_config_from_argv(argv: Optional[List[str]], world_size: int) -> RunConfig:
+    """Parse, map and check: the resolved RunConfig of a command line for ``world_size``
+    processes. Bad values raise ``ValueError`` naming the flag and the numbers."""
+    return resolve_run_config(config_from_args(parse_args(argv)), world_size)

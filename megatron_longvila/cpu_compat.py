@@ -3,6 +3,14 @@
 Megatron-Core assumes a GPU in a few spots that have nothing to do with the model's math.
 ``enable()`` patches exactly those, and only when CUDA is absent: on a GPU it is a no-op and
 nothing in the GPU path changes. Every patch below says why it exists.
+
+The patches are process-wide, so they are switched on once, at the entry points, never by
+library code that merely builds a model:
+``pretrain_longvila.py``, ``tools/*.py`` that run a model (generate, eval_needle, the
+converters, the benchmarks), the process bootstrap :func:`megatron_longvila.launch.init_process_group`
+on a gloo world (which also covers every :func:`~megatron_longvila.launch.spawn` rank), and
+``tests/conftest.py`` for in-process tests. :func:`model_parallel_seed` on the CPU needs the
+RNG-tracker patches and switches them on itself if no entry point did.
 """
 
 import types

@@ -1,11 +1,8 @@
 """Shared helpers for model tests: Megatron state, tiny configs, tiny HF references, batches."""
 
-import os
-import socket
-
 import torch
-import torch.distributed as dist
 
+from megatron_longvila import launch
 from megatron_longvila.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from megatron_longvila.evaluation.hf_reference import HFLongVILA
 from megatron_longvila.evaluation.hf_reference import hf_modules as reference_modules
@@ -15,12 +12,7 @@ from megatron_longvila.models.config import LanguageModelConfig, LongVILAConfig,
 def init_single_process():
     """A one-rank gloo world with Megatron's parallel state (for in-process tests)."""
     from megatron.core import parallel_state
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=0, world_size=1)
+    launch.init_process_group("gloo")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
 

@@ -138,7 +138,8 @@ def _outputs(results):
 def test_cli_sp2_answers_like_sp1_and_resumes(ckpt, sp1):
     d, path, needles = ckpt
     log1, r1 = sp1
-    logs2 = run_distributed(_eval_worker, 2, _argv(d, path, needles, "sp2.json"))
+    logs2 = run_distributed(_eval_worker, 2, _argv(d, path, needles, "sp2.json") +
+                            ["--context-parallel-size", "2"])
     r2 = json.load(open(d / "sp2.json"))
     assert os.path.getsize(d / "sp1.png") > 0 and os.path.getsize(d / "sp2.png") > 0
     outs1 = [(c["key"], [a["output"] for a in c["answers"]]) for c in r1["cells"]]
@@ -238,7 +239,7 @@ def test_generate_cli_sp2_like_sp1(ckpt):
     ref = [json.loads(_generate_worker(0, 1, a)) for a in runs]
     assert ref[0]["frames"] == 6 and ref[0]["token_ids"] and ref[0]["token_ids"] != ref[1]["token_ids"]
     for a, want in zip(runs, ref):
-        out = run_distributed(_generate_worker, 2, a)
+        out = run_distributed(_generate_worker, 2, a + ["--seq-parallel-size", "2"])
         assert out[1] == ""
         got = json.loads(out[0])
         assert got["ranks"] == 2

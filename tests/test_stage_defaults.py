@@ -1,6 +1,6 @@
 """The stage scripts' defaults pass the trainer's start-up checks on every real preset, as
 written (no SEQ/FRAMES/LOAD in the environment): the arguments each script builds are
-validated by ``validate_args`` itself (the script's launcher is replaced by a checker)."""
+validated by ``run_config_from_argv`` itself (the script's launcher is replaced by a checker)."""
 
 import json
 import os
@@ -14,12 +14,11 @@ STAGES = ("stage1_align", "stage2_pretrain", "stage3_short_sft", "stage4_context
           "stage5_long_sft")
 CHECKER = r'''
 import json, sys
-from megatron_longvila.arguments import parse_args, validate_args
-a = parse_args(sys.argv[2:])  # argv[1] is pretrain_longvila.py
-validate_args(a, 1)
-c = a.model_config.llm
-print("CHECKED " + json.dumps({"seq": a.seq_length, "pos": c.max_position_embeddings,
-                               "rope": c.rope_base, "frames": a.num_frames}))
+from megatron_longvila.arguments import run_config_from_argv
+a = run_config_from_argv(sys.argv[2:], 1)  # argv[1] is pretrain_longvila.py
+c = a.arch.llm
+print("CHECKED " + json.dumps({"seq": a.training.seq_length, "pos": c.max_position_embeddings,
+                               "rope": c.rope_base, "frames": a.data.num_frames}))
 '''
 
 

@@ -29,9 +29,8 @@ def test_auto_would_pick_te_once_verified(te_on_gpu, monkeypatch):
 
 
 def test_explicit_te_warns_once_at_startup(te_on_gpu, capsys):
-    from megatron_longvila.arguments import parse_args, validate_args
-    args = parse_args(["--transformer-impl", "transformer_engine"])
-    validate_args(args, 1)
+    from megatron_longvila.arguments import run_config_from_argv
+    run_config_from_argv(["--transformer-impl", "transformer_engine"], 1)
     err = capsys.readouterr().err
     assert err.count("not been verified") == 1 and "--transformer-impl transformer_engine" in err
     assert specs.resolve_transformer_impl("transformer_engine") == "transformer_engine"

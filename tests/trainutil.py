@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,19 +12,14 @@ SCRIPT = os.path.join(ROOT, "pretrain_longvila.py")
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_cli(args, nproc=1, timeout=300, check=True, env=None):
     """Run the trainer; returns the CompletedProcess (stdout+stderr in .stdout)."""
     if nproc == 1:
         cmd = [sys.executable, SCRIPT]
     else:
-        cmd = [TORCHRUN, "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-               "--master-port", str(free_port()), SCRIPT]
+        # --standalone: torchrun's rendezvous binds a port of its own choosing (no port picked
+        # free here that another suite could take first)
+        cmd = [TORCHRUN, "--standalone", "--nproc-per-node", str(nproc), SCRIPT]
     e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     e.pop("RANK", None), e.pop("WORLD_SIZE", None)
     if env:

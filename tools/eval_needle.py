@@ -3,7 +3,7 @@
 
   python tools/eval_needle.py --load SAVE --haystack haystack.mp4 --needles needles.json \\
       --frame-counts 4,8,16,32 --depths 0,0.25,0.5,0.75,1 --output out/niah.json
-  torchrun --nproc-per-node 2 tools/eval_needle.py ...   # each forward MM-SP-sharded over 2 ranks
+  torchrun --nproc-per-node 2 tools/eval_needle.py --context-parallel-size 2 ...   # each forward MM-SP-sharded over 2 ranks
 
 needles.json: ``[{"image": "needles/a.png", "question": "...", "answer": "..."}, ...]`` (image
 paths relative to the JSON). --haystack is a video (N-1 frames sampled uniformly for N frames)
@@ -20,6 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_longvila import cpu_compat  # noqa: E402
 from megatron_longvila.evaluation import generation as G  # noqa: E402
 from megatron_longvila.evaluation import needle as N  # noqa: E402
 from megatron_longvila.evaluation import runtime as R  # noqa: E402
@@ -69,6 +70,7 @@ def settings_of(args, cfg, size):
 
 
 def main(argv=None):
+    cpu_compat.enable()  # an entry point: the CPU shims (no-op with CUDA)
     args = build_parser().parse_args(argv)
     if args.hf:
         from megatron_longvila.evaluation.hf_reference import HFLongVILA

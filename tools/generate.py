@@ -3,7 +3,7 @@
 
   python tools/generate.py --load SAVE --video clip.mp4 --num-frames 8 --prompt "What colour is the square?"
   python tools/generate.py --load SAVE --image a.png --image b.png --prompt "..." --do-sample --temperature 0.7
-  torchrun --nproc-per-node 2 tools/generate.py --load SAVE --video long.mp4 --num-frames 256 --prompt "..."
+  torchrun --nproc-per-node 2 tools/generate.py --load SAVE --context-parallel-size 2 --video long.mp4 --num-frames 256 --prompt "..."
 
 Frames go through the preprocessing steps (uniform sampling, resize, JPEG round trip, SigLIP
 normalisation) and the prompt through the training chat template, so a checkpoint sees what it
@@ -20,6 +20,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_longvila import cpu_compat  # noqa: E402
 from megatron_longvila.evaluation import generation as G  # noqa: E402
 from megatron_longvila.evaluation import runtime as R  # noqa: E402
 
@@ -45,6 +46,7 @@ def build_parser():
 
 
 def main(argv=None):
+    cpu_compat.enable()  # an entry point: the CPU shims (no-op with CUDA)
     args = build_parser().parse_args(argv)
     model, cfg = R.setup_model(args)
     tok = R.resolve_tokenizer(args)

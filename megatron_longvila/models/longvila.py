@@ -22,7 +22,6 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 
-from .. import cpu_compat
 from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from ..parallel.groups import get_mmsp_groups
 from ..parallel.sharding import BatchShard, shard_micro_batch
@@ -67,7 +66,6 @@ class LongVILAModel(MegatronModule):
     def __init__(self, config: LongVILAConfig, dtype=torch.float32, transformer_impl="local",
                  sequence_parallel=False, recompute=None,
                  seq_parallel_ring_type: str = "zigzag_ring_varlen"):
-        cpu_compat.enable()
         tp = parallel_state.get_tensor_model_parallel_world_size()
         cp = parallel_state.get_context_parallel_world_size()
         impl = resolve_transformer_impl(transformer_impl)

@@ -11,7 +11,7 @@ Nothing here creates groups of its own: :func:`initialize_mmsp` calls
 """
 
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -153,19 +153,18 @@ def add_mmsp_arguments(parser):
     return parser
 
 
-def resolve_mmsp_arguments(args, world_size: int, tp: int = 1, num_heads: int = 1,
-                           num_kv_heads: Optional[int] = None, pp: int = 1):
-    """Reconcile the two spellings; set ``args.context_parallel_size``,
-    ``args.seq_parallel_ring_size`` and ``args.hierarchical_context_parallel_sizes``.
-
-    Conflicting values or invalid combinations raise ``ValueError`` naming the numbers.
-    """
-    cp_a, cp_b = getattr(args, "context_parallel_size", None), getattr(args, "seq_parallel_size", None)
+def reconcile_mmsp_flags(context_parallel_size: Optional[int], seq_parallel_size: Optional[int],
+                         hierarchical_sizes: Optional[List[int]],
+                         ring_size: Optional[int]) -> Tuple[int, int]:
+    """The SP size and ring size of the two spellings (Megatron's ``--context-parallel-size`` /
+    ``--hierarchical-context-parallel-sizes ULYSSES RING``, LongVILA's ``--seq-parallel-size`` /
+    ``--seq-parallel-ring-size``); ``None`` = not given. Disagreeing values raise
+    ``ValueError`` naming both flags. Sizes are checked by :func:`validate_mmsp_sizes`."""
+    cp_a, cp_b = context_parallel_size, seq_parallel_size
     if cp_a is not None and cp_b is not None and cp_a != cp_b and not (cp_a == 1 and cp_b > 1):
         raise ValueError(f"--context-parallel-size {cp_a} and --seq-parallel-size {cp_b} disagree")
     cp = cp_b if cp_b is not None else (cp_a if cp_a is not None else 1)
-    hier = getattr(args, "hierarchical_context_parallel_sizes", None)
-    ring = getattr(args, "seq_parallel_ring_size", None)
+    hier, ring = hierarchical_sizes, ring_size
     if ring is not None and ring < 0:  # LongVILA's default -1: pure Ulysses
         ring = 1
     if hier:
@@ -179,7 +178,20 @@ def resolve_mmsp_arguments(args, world_size: int, tp: int = 1, num_heads: int = 
             raise ValueError(f"--seq-parallel-ring-size {ring} and "
                              f"--hierarchical-context-parallel-sizes {hier} disagree")
         ring = hier[1]
-    ring = 1 if ring is None else ring
+    return cp, 1 if ring is None else ring
+
+
+def resolve_mmsp_arguments(args, world_size: int, tp: int = 1, num_heads: int = 1,
+                           num_kv_heads: Optional[int] = None, pp: int = 1):
+    """Reconcile the two spellings; set ``args.context_parallel_size``,
+    ``args.seq_parallel_ring_size`` and ``args.hierarchical_context_parallel_sizes``.
+
+    Conflicting values or invalid combinations raise ``ValueError`` naming the numbers.
+    """
+    cp, ring = reconcile_mmsp_flags(getattr(args, "context_parallel_size", None),
+                                    getattr(args, "seq_parallel_size", None),
+                                    getattr(args, "hierarchical_context_parallel_sizes", None),
+                                    getattr(args, "seq_parallel_ring_size", None))
     validate_mmsp_sizes(world_size, tp, cp, ring, num_heads, num_kv_heads, pp)
     args.context_parallel_size = cp
     args.seq_parallel_size = cp

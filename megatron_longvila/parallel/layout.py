@@ -32,6 +32,32 @@ from ..kernels.attention import VarlenBlock
 RING_TYPES = ("ring_varlen", "zigzag_ring_varlen")
 
 
+def sequence_quantum(ring: int = 1, ulysses: int = 1, ring_type: str = "zigzag_ring_varlen",
+                     multiple_of: int = 1) -> int:
+    """The MM-SP divisibility rule, stated once: a packed row splits evenly over the layout
+    when its length is a multiple of ``lcm(2 * ring if zigzag else 1, ring * ulysses *
+    multiple_of)`` (``multiple_of``: the TP size under Megatron's sequence parallelism).
+    :class:`SequenceLayout` pads every row to it; the trainer and the evaluator check lengths
+    against it with :func:`check_sequence_length`."""
+    if ring_type not in RING_TYPES:
+        raise ValueError(f"ring type {ring_type!r} not in {RING_TYPES}")
+    chunk = 2 * ring if ring_type == "zigzag_ring_varlen" and ring > 1 else 1
+    return math.lcm(chunk, ring * ulysses * multiple_of)
+
+
+def check_sequence_length(length: int, ring: int = 1, ulysses: int = 1,
+                          ring_type: str = "zigzag_ring_varlen", multiple_of: int = 1,
+                          what: str = "sequence length"):
+    """Raise ``ValueError`` naming the numbers unless ``length`` is a multiple of
+    :func:`sequence_quantum` of the layout."""
+    q = sequence_quantum(ring, ulysses, ring_type, multiple_of)
+    if length % q:
+        raise ValueError(
+            f"{what} {length} cannot be split by the sequence-parallel layout: it must be a "
+            f"multiple of {q} (sp {ring * ulysses} = {ulysses} Ulysses x {ring} ring, "
+            f"{ring_type}{f', x {multiple_of} for sequence parallelism' if multiple_of > 1 else ''})")
+
+
 @dataclass
 class _Run:
     doc: int
@@ -68,7 +94,7 @@ class SequenceLayout:
         starts = [a for a, b in zip(cu[:-1], cu[1:]) if b > a]
         chunk = 2 * ring if self.zigzag else 1
         plens = [math.ceil(n / chunk) * chunk for n in lens]
-        quantum = math.lcm(chunk, ring * ulysses * multiple_of)
+        quantum = sequence_quantum(ring, ulysses, ring_type, multiple_of)
         total = sum(plens)
         extra = (-total) % quantum
         # documents of the padded row: (orig_start, orig_len, padded_start, padded_len)

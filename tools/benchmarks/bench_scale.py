@@ -41,7 +41,6 @@ import json
 import math
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -61,6 +60,13 @@ import torch  # noqa: E402
 from bench_attention import causal_pairs, timeit  # noqa: E402
 from bench_step import emit, free, is_oom, video_batch  # noqa: E402
 from run_all import _short, md_table  # noqa: E402
+
+from megatron_longvila import launch  # noqa: E402
+from megatron_longvila.arguments import run_config_from_argv  # noqa: E402
+from megatron_longvila.training.flops import step_flops  # noqa: E402
+from megatron_longvila.training.step import BatchFeed, train_step  # noqa: E402
+from megatron_longvila.training.train import (build_model, build_optimizer,  # noqa: E402
+                                              init_parallel_state, train)
 
 PAPER = ("LongVILA (arXiv 2408.10188) reports MM-SP 2.1-5.7x faster than ring-style sequence "
          "parallelism and 1.1-1.4x faster than Megatron-LM context parallelism.")
@@ -119,19 +125,14 @@ class Worker:
         import torch.distributed as dist
         self.plan = plan
         self.cuda = torch.cuda.is_available() and not plan["smoke"]
-        if self.cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        else:
-            from megatron_longvila import cpu_compat
-            cpu_compat.enable()
+        if not self.cuda:
             torch.set_num_threads(1)
-        self.backend = "nccl" if self.cuda else "gloo"
-        dist.init_process_group(self.backend)
+        self.backend = launch.init_process_group("nccl" if self.cuda else "gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.device = torch.device("cuda", torch.cuda.current_device()) if self.cuda else \
             torch.device("cpu")
         self.dtype = torch.bfloat16 if plan["bf16"] else torch.float32
-        self.built = None  # (layout name, ddp, model, optimizer, args)
+        self.built = None  # (layout name, ddp, model, optimizer, scheduler, run config)
         self.last = {}     # (layout, kind) -> (tokens, seconds) of the last item run
 
     # -- helpers
@@ -157,8 +158,8 @@ class Worker:
         if self.rank == 0:
             emit(self.plan["rows"], row)
 
-    def _targs(self, lay, extra=()):
-        from megatron_longvila.arguments import parse_args, validate_args
+    def _run_config(self, lay, extra=()):
+        """The trainer's RunConfig of its own flags for this layout."""
         p = self.plan
         argv = ["--model", p["model"], "--micro-batch-size", "1", "--global-batch-size", "1",
                 "--train-iters", "1000", "--lr", "1e-5", "--min-lr", "1e-5", "--clip-grad", "1.0",
@@ -171,27 +172,23 @@ class Worker:
             argv += ["--recompute-granularity", "full"]
         if p["distributed_optimizer"]:
             argv.append("--use-distributed-optimizer")
-        args = parse_args(argv + list(extra))
-        validate_args(args, self.world)
-        args.backend = self.backend
-        return args
+        return run_config_from_argv(argv + ["--distributed-backend", self.backend] + list(extra),
+                                    self.world)
 
     def _setup(self, lay, need_model):
-        from megatron_longvila.training.train import init_parallel_state
         if self.built is not None and self.built[0] == lay["name"] and \
                 (self.built[1] is not None or not need_model):
             return
         self.built = None
         free(self.device)
-        args = self._targs(lay)
-        init_parallel_state(args)
+        cfg = self._run_config(lay)
+        init_parallel_state(cfg)
         if not need_model:
-            self.built = (lay["name"], None, None, None, args)
+            self.built = (lay["name"], None, None, None, None, cfg)
             return
-        from megatron_longvila.training.train import build_model, build_optimizer
-        ddp, model = build_model(args)
-        opt, _ = build_optimizer(args, ddp)
-        self.built = (lay["name"], ddp, model, opt, args)
+        ddp, model = build_model(cfg)
+        opt, sched = build_optimizer(cfg, ddp)
+        self.built = (lay["name"], ddp, model, opt, sched, cfg)
 
     # -- items
     def run(self):
@@ -230,19 +227,16 @@ class Worker:
 
     def do_equiv(self, item, lay):
         """The trainer's train() for the equivalence check (metrics file by rank 0)."""
-        from megatron_longvila.arguments import parse_args, validate_args
-        from megatron_longvila.training.train import train
         self.built = None
         free(self.device)
-        args = parse_args(self.plan["equiv_argv"] + layout_flags(lay, self.world) +
-                          ["--metrics-file", item["metrics"]] + item.get("extra", []))
-        validate_args(args, self.world)
-        args.backend = self.backend
+        cfg = run_config_from_argv(self.plan["equiv_argv"] + layout_flags(lay, self.world) +
+                                   ["--metrics-file", item["metrics"], "--distributed-backend",
+                                    self.backend] + item.get("extra", []), self.world)
         if self.rank == 0 and os.path.exists(item["metrics"]):
             os.remove(item["metrics"])
         _fake_oom(lay, "equiv", item["tokens"])
         t = time.time()
-        train(args)
+        train(cfg)
         self._sync()
         return dict(status="ok", metrics=item["metrics"], control=item.get("control", False),
                     wall_s=time.time() - t)
@@ -289,31 +283,22 @@ class Worker:
         return row
 
     def do_step(self, item, lay, ladder=False):
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-        from megatron_longvila.training.flops import step_flops
-        from megatron_longvila.training.train import _make_forward_step
         t_setup = time.time()
         self._setup(lay, need_model=True)
         t_setup = time.time() - t_setup
-        _, ddp, model, opt, args = self.built
+        _, ddp, model, opt, sched, run = self.built
         p = self.plan
-        cfg = args.model_config
+        cfg = run.arch
         L = item["tokens"]
         fps = 10 ** 9 if ladder else p["frames_per_sample"]
         b = video_batch(cfg, L, fps, p["text_per_sample"], device=self.device, dtype=self.dtype)
-        batch = {k: b[k] for k in ("tokens", "labels", "position_ids", "cu_seqlens", "frames",
-                                   "frames_per_sample")}
-        fb = get_forward_backward_func()
-        fwd = _make_forward_step(model, self.dtype)
+        batch = dict(b, num_samples=sum(1 for x in b["frames_per_sample"] if x > 0))
         _fake_oom(lay, "ladder" if ladder else "step", L)
 
-        def step():
-            ddp.zero_grad_buffer()
-            opt.zero_grad()
-            out = fb(forward_step_func=fwd, data_iterator=iter([batch]), model=[ddp],
-                     num_microbatches=1, seq_length=L, micro_batch_size=1, forward_only=False)
-            opt.step()
-            return out
+        def step():  # the trainer's train_step on this one row
+            feed = BatchFeed(iter([batch]), cfg, run.training.trainable)
+            return train_step(ddp, opt, sched, feed, num_micro_batches=1, seq_length=L,
+                              global_batch_size=1, dtype=run.model.dtype)
 
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -328,18 +313,13 @@ class Worker:
             self._sync()
             times.append(time.perf_counter() - t)
         dt = self._max(statistics.median(times))
-        loss_sum = sum(float(r["lm loss"][0]) for r in out)
-        loss_cnt = sum(float(r["lm loss"][1]) for r in out)
-        tot = torch.tensor([loss_sum, loss_cnt], dtype=torch.float64, device=self.device)
-        import torch.distributed as dist
-        dist.all_reduce(tot)
         fl = step_flops(cfg, b["seg_lens"], b["n_frames"], labelled_tokens=b["n_valid"])
         row = dict(status="ok", steps=len(times), setup_s=t_setup, frames=b["n_frames"],
                    samples=sum(1 for x in b["frames_per_sample"] if x > 0), step_s=dt,
                    tokens_per_s=L / dt, tokens_per_s_per_gpu=L / dt / self.world,
                    model_tflop_per_step=fl["total"] / 1e12,
                    tflops_per_gpu=fl["total"] / dt / self.world / 1e12,
-                   loss=float(tot[0] / tot[1].clamp(min=1)), recompute=p["recompute"])
+                   loss=out.loss, recompute=p["recompute"])
         if self.cuda:
             row["peak_mem_gib"] = self._max(torch.cuda.max_memory_allocated() / 2 ** 30)
         if not math.isfinite(row["loss"]):
@@ -357,22 +337,10 @@ def worker_main(plan_path):
         plan = json.load(f)
     w = Worker(plan)
     w.run()
-    import torch.distributed as dist
-    try:
-        from megatron.core import parallel_state
-        parallel_state.destroy_model_parallel()
-    except Exception:  # noqa: BLE001
-        pass
-    dist.destroy_process_group()
+    launch.shutdown()
 
 
 # ------------------------------------------------------------------ driver
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class Driver:
     def __init__(self, args):
@@ -517,9 +485,9 @@ class Driver:
             plan_path = os.path.join(a.out, f"plan{launches}.json")
             with open(plan_path, "w") as f:
                 json.dump(plan, f)
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node",
-                   str(a.nproc), "--master-addr", "127.0.0.1", "--master-port",
-                   str(_free_port()), os.path.abspath(__file__), "--worker", plan_path]
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   "--nproc-per-node", str(a.nproc), os.path.abspath(__file__), "--worker",
+                   plan_path]
             before = len(self.rows())
             rc = self.spawn(f"worker {launches} ({len(todo)} items)", cmd, self.remaining() - 5)
             launches += 1

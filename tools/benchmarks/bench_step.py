@@ -36,7 +36,6 @@ import gc
 import json
 import math
 import os
-import socket
 import statistics
 import sys
 import time
@@ -47,8 +46,11 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.abspath(os.path.join(_HERE, "..", "..")))
 sys.path.insert(0, _HERE)
 
+from megatron_longvila import cpu_compat, launch  # noqa: E402
+from megatron_longvila.arguments import run_config_from_argv  # noqa: E402
 from megatron_longvila.training.flops import step_flops  # noqa: E402
-from megatron_longvila.training.train import use_fused_adam  # noqa: E402
+from megatron_longvila.training.step import BatchFeed, train_step  # noqa: E402
+from megatron_longvila.training.train import build_model, build_optimizer, use_fused_adam  # noqa: E402
 from megatron_longvila.constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX  # noqa: E402
 from megatron_longvila.evaluation.hf_reference import HFLongVILA  # noqa: E402
 from megatron_longvila.evaluation.hf_reference import hf_modules as reference_modules  # noqa: E402
@@ -99,18 +101,9 @@ def video_batch(cfg, length, frames_per_sample=32, text_per_sample=256, prompt_l
 # ------------------------------------------------------------------ process setup
 
 def init_dist(device):
-    import torch.distributed as dist
+    """A one-rank world (the project's bootstrap) with Megatron's parallel state."""
     from megatron.core import parallel_state
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        # one rank of our own: a fresh port (an inherited MASTER_PORT may be taken)
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        if device.type == "cuda":
-            torch.cuda.set_device(0)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0,
-                                world_size=1)
+    launch.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
 
@@ -136,71 +129,24 @@ def free(device):
 # ------------------------------------------------------------------ ours
 
 class Ours:
+    """The trainer's own step: ``training.train.build_model`` / ``build_optimizer`` from a
+    RunConfig of the trainer's flags, and ``training.step.train_step`` on the batch."""
     name = "ours"
+    optimizer = "megatron-core"
 
-    def __init__(self, cfg, device, dtype, grad_fp32=True, fused_adam=True, lr=1e-5,
-                 model_name="qwen2-1.5b", use_trainer=True):
-        self.setup = "bench"
-        built = None
-        if use_trainer and grad_fp32 and dtype in (torch.bfloat16, torch.float32):
-            try:  # the trainer's own model/DDP/optimizer construction, when it is there
-                built = self._build_with_trainer(cfg, model_name, lr, dtype == torch.bfloat16)
-                self.setup = "trainer build_model/build_optimizer"
-            except Exception as e:  # noqa: BLE001
-                self.setup = f"bench (trainer build failed: {type(e).__name__}: {str(e)[:120]})"
-                free(device)
-        if built is None:
-            built = self._build_here(cfg, device, dtype, grad_fp32, lr)
-        self.model, self.ddp, self.opt, self.optimizer = built
-        model = self.model
+    def __init__(self, cfg, device, dtype, fused_adam=True, lr=1e-5, model_name="qwen2-1.5b"):
+        self.run = run_config_from_argv(
+            ["--model", model_name, "--seq-length", "8192", "--micro-batch-size", "1",
+             "--train-iters", "10", "--lr", str(lr), "--min-lr", str(lr), "--clip-grad", "1.0",
+             "--weight-decay", "0.0", "--adam-beta1", "0.9", "--adam-beta2", "0.95",
+             "--adam-eps", "1e-8"] + (["--bf16"] if dtype == torch.bfloat16 else []), 1)
+        self.run.model.arch = cfg  # the benchmark's shapes
+        self.setup = "trainer build_model/build_optimizer + train_step"
+        self.ddp, self.model = build_model(self.run)
+        self.opt, self.scheduler = build_optimizer(self.run, self.ddp)
         self.fused = fused_adam and device.type == "cuda" and use_fused_adam(self.opt)
-        self.device = device
-        self.n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-    @staticmethod
-    def _build_with_trainer(cfg, model_name, lr, bf16):
-        from megatron_longvila.arguments import parse_args, validate_args
-        from megatron_longvila.training.train import build_model, build_optimizer
-        targs = parse_args(["--model", model_name] + (["--bf16"] if bf16 else []) + [
-                            "--seq-length", "8192",
-                            "--micro-batch-size", "1", "--train-iters", "10", "--lr", str(lr),
-                            "--min-lr", str(lr), "--clip-grad", "1.0", "--weight-decay", "0.0",
-                            "--adam-beta1", "0.9", "--adam-beta2", "0.95",
-                            "--adam-eps", "1e-8"])
-        validate_args(targs, 1)
-        targs.model_config = cfg
-        ddp, model = build_model(targs)
-        opt, _ = build_optimizer(targs, ddp)
-        return model, ddp, opt, "megatron-core"
-
-    @staticmethod
-    def _build_here(cfg, device, dtype, grad_fp32, lr):
-        """Megatron-Core DDP + optimizer as the trainer builds them (fallback)."""
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron_longvila import cpu_compat
-        from megatron_longvila.models import LongVILAModel
-        cpu_compat.model_parallel_seed(1234)
-        model = LongVILAModel(cfg, dtype=dtype, transformer_impl="local")
-        if device.type == "cuda":
-            model.cuda()  # Megatron puts its layers there; the conv/projector are plain torch
-        ddp = DistributedDataParallel(
-            config=model.config,
-            ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=grad_fp32,
-                                                     check_for_nan_in_grad=False),
-            module=model)
-        try:
-            opt = get_megatron_optimizer(
-                OptimizerConfig(optimizer="adam", lr=lr, weight_decay=0.0, adam_beta1=0.9,
-                                adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0,
-                                bf16=dtype == torch.bfloat16, params_dtype=dtype,
-                                use_distributed_optimizer=False),
-                [ddp])
-            name = "megatron-core"
-        except Exception as e:  # noqa: BLE001 - CPU without shims, or a GPU surprise: say so
-            name = f"fp32-master AdamW fallback ({type(e).__name__}: {str(e)[:80]})"
-            opt = MasterAdamW(model.parameters(), lr, fused=device.type == "cuda")
-        return model, ddp, opt, name
+        self.device, self.dtype = device, dtype
+        self.n_params = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
     def set_recompute(self, mode):
         llm_cfg = self.model.config
@@ -211,51 +157,20 @@ class Ours:
         llm_cfg.recompute_num_layers = 1 if full else None
         vis_cfg.recompute_granularity = "full" if mode in ("full", "vision") else None
 
-    def loss(self, b):
-        out = self.ddp(b["tokens"], b["position_ids"], b["frames"], b["labels"],
-                       b["cu_seqlens"], b["frames_per_sample"])
-        return out.output.sum() / b["n_valid"]
-
     def step(self, b):
-        self.ddp.zero_grad_buffer()
-        self.opt.zero_grad()
-        loss = self.loss(b)
-        loss.backward()
-        self.ddp.finish_grad_sync()
-        self.opt.step()
-        return loss
+        """One trainer step on the packed row ``b``; returns its mean token loss."""
+        feed = BatchFeed(iter([dict(b, num_samples=sum(1 for f in b["frames_per_sample"] if f))]),
+                         self.run.arch, self.run.training.trainable)
+        res = train_step(self.ddp, self.opt, self.scheduler, feed, num_micro_batches=1,
+                         seq_length=int(b["tokens"].numel()), global_batch_size=1,
+                         dtype=self.dtype)
+        return torch.tensor(res.loss)
 
     def reset(self):
         self.ddp.zero_grad_buffer()
         self.opt.zero_grad()
         for p in self.model.parameters():
             p.grad = None
-
-
-class MasterAdamW:
-    """fp32 master weights + torch AdamW over Megatron DDP's ``main_grad`` buffers, clip 1.0:
-    what Megatron's bf16 optimizer does, used only where that one cannot be built."""
-
-    def __init__(self, params, lr, fused):
-        self.params = [p for p in params if p.requires_grad]
-        self.master = [p.detach().float().clone() for p in self.params]
-        self.fused = fused
-        self.opt = torch.optim.AdamW(self.master, lr=lr, betas=(0.9, 0.95), eps=1e-8,
-                                     weight_decay=0.0, fused=fused)
-
-    def zero_grad(self):
-        for m in self.master:
-            m.grad = None
-
-    def step(self):
-        for p, m in zip(self.params, self.master):
-            g = getattr(p, "main_grad", None)
-            g = p.grad if g is None else g
-            m.grad = g.float() if g is not None else torch.zeros_like(m)
-        torch.nn.utils.clip_grad_norm_(self.master, 1.0, foreach=True)
-        self.opt.step()
-        with torch.no_grad():
-            torch._foreach_copy_(self.params, self.master)
 
 
 # ------------------------------------------------------------------ the Hugging Face reference
@@ -455,7 +370,6 @@ def matmul_peak(device, n=8192, reps=7, inner=20):
 
 def sanity(device):
     """The tiny model, forward + backward in bf16 on the device: finite loss and gradients."""
-    from megatron_longvila import cpu_compat
     from megatron_longvila.models import LongVILAModel, get_preset
     cfg = get_preset("tiny")
     cpu_compat.model_parallel_seed(0)
@@ -530,6 +444,7 @@ def _cascade(runner, cfg, L, modes, start_mode, args, device, deadline, last, la
 
 
 def run(args):
+    cpu_compat.enable()  # an entry point: the CPU shims (no-op with CUDA)
     device = torch.device(args.device)
     if args.smoke:
         torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -557,9 +472,8 @@ def run(args):
     deadline = args.deadline or None
     try:
         if args.impl == "ours":
-            runner = Ours(cfg, device, args.dtype, grad_fp32=not args.grad_bf16,
-                          fused_adam=not args.no_fused_adam, model_name=args.model,
-                          use_trainer=not args.no_trainer)
+            runner = Ours(cfg, device, args.dtype, fused_adam=not args.no_fused_adam,
+                          model_name=args.model)
         else:
             runner = HF(cfg, device, args.dtype, attn=args.hf_attn)
     except Exception as e:  # noqa: BLE001
@@ -612,11 +526,7 @@ def parse(argv=None):
     p.add_argument("--peak-tflops", type=float, default=0.0,
                    help="measured bf16 matmul rate, for MFU")
     p.add_argument("--deadline", type=float, default=0.0, help="unix time to stop by")
-    p.add_argument("--grad-bf16", action="store_true",
-                   help="ours: accumulate gradients in bf16 (default fp32 as Megatron-LM)")
     p.add_argument("--no-fused-adam", action="store_true")
-    p.add_argument("--no-trainer", action="store_true",
-                   help="ours: build DDP + optimizer here, not with training.train's builders")
     p.add_argument("--sanity", action="store_true", help="tiny model fwd+bwd + matmul peak")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--smoke", action="store_true",

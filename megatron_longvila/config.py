@@ -1,0 +1,399 @@
+"""The typed run config: what a training (or evaluation) run is, as plain dataclasses.
+
+``arguments.py`` maps the command line to a :class:`RunConfig`; :func:`resolve_run_config`
+checks it against the world size and fills the derived values (data-parallel size,
+accumulation steps, the model architecture) once, returning a new config. Each section checks
+its own fields; the rules of the parallel layout live in the ``parallel`` package
+(:func:`~megatron_longvila.parallel.groups.validate_mmsp_sizes`,
+:func:`~megatron_longvila.parallel.layout.check_sequence_length`) and are only called from here.
+
+Checkpoints store :meth:`RunConfig.to_dict` (JSON); :meth:`RunConfig.from_dict` reads it back,
+for the trainer's resume and for the evaluation tools alike. Test-only fault injection
+(:class:`DebugConfig`) is never stored.
+"""
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from .data.text import is_text_source
+from .models.config import LongVILAConfig, get_preset
+from .models.specs import resolve_transformer_impl
+from .parallel.groups import hierarchical_sizes, validate_mmsp_sizes
+from .parallel.layout import RING_TYPES, check_sequence_length
+from . import checkpoint
+
+STAGES = ("align", "pretrain", "sft", "context-extension", "long-sft")
+# LongVILA's recipe: which parts each stage trains (vision tower, projector, LLM).
+STAGE_TRAINABLE = {
+    "align": ("projector",),
+    "pretrain": ("projector", "llm"),
+    "sft": ("vision", "projector", "llm"),
+    "context-extension": ("llm",),
+    "long-sft": ("vision", "projector", "llm"),
+}
+TRAINABLE_PARTS = ("vision", "projector", "llm")
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _err(msg):
+    raise ValueError(msg)
+
+
+def _at_least(section, names, minimum=1):
+    for name in names:
+        v = getattr(section, name)
+        if v is None or v < minimum:
+            _err(f"--{name.replace('_', '-')} must be >= {minimum}, got {v}")
+
+
+@dataclass
+class ModelConfig:
+    """Which model: a preset (or the ``--load`` checkpoint's architecture) plus overrides."""
+    name: str = "tiny"
+    vision_model: Optional[str] = None
+    projector_type: str = "mlp_downsample"
+    num_layers: Optional[int] = None
+    hidden_size: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    num_attention_heads: Optional[int] = None
+    num_query_groups: Optional[int] = None
+    rotary_base: Optional[float] = None
+    max_position_embeddings: Optional[int] = None
+    override_checkpoint_config: bool = False
+    transformer_impl: str = "auto"
+    recompute_granularity: Optional[str] = None
+    precision: str = "fp32"
+    arch: Optional[LongVILAConfig] = None  # resolved: the architecture that is built
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
+
+    def resolve_arch(self, load: Optional[str]) -> LongVILAConfig:
+        """The preset's (or ``load``'s stored) LongVILAConfig with the overrides applied."""
+        cfg = None
+        if load and not self.override_checkpoint_config:
+            cfg = checkpoint.read_checkpoint_config(load)
+        if cfg is None:
+            cfg = get_preset(self.name, projector_type=self.projector_type, vision=self.vision_model)
+        over = {k: v for k, v in dict(
+            num_layers=self.num_layers, hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size, num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups, rope_base=self.rotary_base,
+            max_position_embeddings=self.max_position_embeddings).items() if v is not None}
+        if over:
+            cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, **over))
+        return cfg
+
+
+@dataclass
+class ParallelConfig:
+    """TP x SP x DP. The SP (MM-SP) size is Megatron's context-parallel size; it splits into
+    ``ulysses_size x ring_size`` (Megatron's hierarchical context-parallel sizes)."""
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    ring_size: int = 1
+    ring_type: str = "zigzag_ring_varlen"
+    sequence_parallel: bool = False  # Megatron's TP sequence parallelism (norms/dropout)
+    use_distributed_optimizer: bool = False
+    overlap_grad_reduce: bool = False
+    distributed_backend: str = "auto"
+    distributed_timeout_minutes: int = 30
+    world_size: int = 1  # resolved
+    data_parallel_size: int = 1  # resolved
+
+    @property
+    def ulysses_size(self) -> int:
+        return self.context_parallel_size // self.ring_size
+
+    @property
+    def hierarchical_context_parallel_sizes(self) -> Optional[List[int]]:
+        return hierarchical_sizes(self.context_parallel_size, self.ring_size)
+
+    def describe(self) -> str:
+        return (f"TP={self.tensor_model_parallel_size} x SP={self.context_parallel_size} "
+                f"({self.ulysses_size} Ulysses x {self.ring_size} ring, {self.ring_type}) x "
+                f"DP={self.data_parallel_size}")
+
+    def resolve(self, world_size: int, arch: LongVILAConfig,
+                tokens_per_micro_batch: Optional[int] = None,
+                transformer_impl: str = "auto") -> "ParallelConfig":
+        """Check the layout against the world and the model; return it with the derived values.
+
+        ``tokens_per_micro_batch``: the packed row length the layout must split (None: rows of
+        any length, as in generation, where the layout pads). ``transformer_impl``: the model's
+        (Megatron's sequence parallelism needs transformer-engine)."""
+        tp, pp, cp = (self.tensor_model_parallel_size, self.pipeline_model_parallel_size,
+                      self.context_parallel_size)
+        _at_least(self, ("tensor_model_parallel_size", "pipeline_model_parallel_size"))
+        if pp != 1:
+            _err(f"--pipeline-model-parallel-size {pp}: pipeline parallelism is not supported "
+                 "(LongVILA scales with TP x SP x DP)")
+        if self.ring_type not in RING_TYPES:
+            _err(f"--seq-parallel-ring-type {self.ring_type!r} is not one of {RING_TYPES}")
+        cuda = torch.cuda.is_available()
+        if self.overlap_grad_reduce and not cuda:
+            _err("--overlap-grad-reduce needs CUDA GPUs (Megatron-Core's DDP overlaps on a CUDA "
+                 "stream); drop the flag on the CPU")
+        backend = self.distributed_backend
+        if backend == "auto":
+            backend = "nccl" if cuda else "gloo"
+        if backend == "nccl" and not cuda:
+            _err("--distributed-backend nccl needs CUDA GPUs; none is visible")
+        validate_mmsp_sizes(world_size, tp, cp, self.ring_size, arch.llm.num_attention_heads,
+                            arch.llm.num_query_groups, pp)
+        if arch.llm.vocab_size % tp:
+            _err(f"vocab size {arch.llm.vocab_size} is not divisible by "
+                 f"--tensor-model-parallel-size {tp}")
+        if arch.llm.ffn_hidden_size % tp:
+            _err(f"FFN hidden size {arch.llm.ffn_hidden_size} is not divisible by "
+                 f"--tensor-model-parallel-size {tp}")
+        if arch.vision.num_attention_heads % tp:
+            _err(f"vision attention heads {arch.vision.num_attention_heads} are not divisible by "
+                 f"--tensor-model-parallel-size {tp}")
+        if transformer_impl == "transformer_engine":
+            resolve_transformer_impl(transformer_impl)  # not importable: error; else a warning
+        seq_par = self.sequence_parallel and tp > 1  # as Megatron-LM: TP 1 has nothing to split
+        if seq_par and resolve_transformer_impl(transformer_impl) != "transformer_engine":
+            _err("--sequence-parallel needs --transformer-impl transformer_engine (with "
+                 "transformer-engine installed, e.g. in the NGC image): Megatron-Core's torch "
+                 "norms do not support sequence parallelism")
+        if cp > 1 and tokens_per_micro_batch is not None:
+            check_sequence_length(tokens_per_micro_batch, self.ring_size, cp // self.ring_size,
+                                  self.ring_type, tp if seq_par else 1,
+                                  what="--seq-length x --micro-batch-size")
+        return dataclasses.replace(self, sequence_parallel=seq_par, distributed_backend=backend,
+                                   world_size=world_size,
+                                   data_parallel_size=world_size // (tp * cp))
+
+
+@dataclass
+class DataConfig:
+    data_path: Optional[List[str]] = None  # None: the embedded synthetic default
+    valid_data_path: Optional[List[str]] = None
+    tokenizer_model: Optional[str] = None
+    chat_template: Optional[str] = None
+    num_workers: int = 2
+    num_frames: Optional[int] = None
+    drop_or_subsample: str = "subsample"
+    shuffle: bool = True
+    synthetic_videos: int = 64
+    synthetic_frames: int = 4
+    synthetic_text_only: bool = False
+    synthetic_dir: Optional[str] = None
+
+    def resolve(self, model_name: str) -> "DataConfig":
+        _at_least(self, ("num_workers",), 0)
+        for flag in ("data_path", "valid_data_path"):
+            for item in getattr(self, flag) or []:
+                if not _is_number(item) and not (os.path.isdir(item) or is_text_source(item)):
+                    _err(f"--{flag.replace('_', '-')} {item}: no such shard directory, text "
+                         f"corpus (.jsonl/.json/.parquet) or Megatron indexed dataset "
+                         f"(PREFIX.bin/.idx)")
+        tok = self.tokenizer_model
+        if tok is None:
+            if model_name != "tiny" and self.data_path:
+                _err(f"--tokenizer-model is required for model {model_name!r}")
+            tok = "tiny"
+        elif tok != "tiny" and not os.path.exists(tok):
+            _err(f"--tokenizer-model {tok}: no such file or directory")
+        return dataclasses.replace(self, tokenizer_model=tok)
+
+
+@dataclass
+class TrainingConfig:
+    stage: Optional[str] = None
+    trainable: Optional[List[str]] = None  # resolved: the stage's parts, else all
+    seq_length: int = 256
+    micro_batch_size: int = 1
+    global_batch_size: Optional[int] = None  # resolved: default micro x DP
+    train_iters: int = 100
+    seed: int = 1234
+    on_nan: str = "stop"
+    max_skipped_iters: int = 10
+    num_micro_batches: int = 1  # resolved: accumulation steps
+
+    def resolve(self, dp: int, world_size: int, tp: int, cp: int,
+                arch: LongVILAConfig) -> "TrainingConfig":
+        _at_least(self, ("seq_length", "micro_batch_size", "train_iters"))
+        mbs = self.micro_batch_size
+        gbs = self.global_batch_size if self.global_batch_size is not None else mbs * dp
+        if gbs % (mbs * dp):
+            _err(f"--global-batch-size {gbs} is not divisible by --micro-batch-size {mbs} x "
+                 f"data-parallel size {dp} (= world {world_size} / (tp {tp} x sp {cp}))")
+        if self.seq_length > arch.llm.max_position_embeddings:
+            _err(f"--seq-length {self.seq_length} exceeds the model's max position embeddings "
+                 f"{arch.llm.max_position_embeddings} (raise --max-position-embeddings)")
+        trainable = self.trainable
+        if trainable is None:
+            trainable = list(STAGE_TRAINABLE[self.stage]) if self.stage else list(TRAINABLE_PARTS)
+        return dataclasses.replace(self, global_batch_size=gbs, trainable=list(trainable),
+                                   num_micro_batches=gbs // (mbs * dp))
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    lr_decay_style: str = "cosine"
+    lr_decay_iters: Optional[int] = None  # resolved: default --train-iters
+    lr_warmup_iters: int = 0
+    lr_warmup_init: float = 0.0
+    lr_wsd_decay_iters: Optional[int] = None
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+    def resolve(self, train_iters: int) -> "OptimizerConfig":
+        if self.min_lr > self.lr:
+            _err(f"--min-lr {self.min_lr} is above --lr {self.lr}")
+        if self.lr_warmup_iters < 0:
+            _err(f"--lr-warmup-iters must be >= 0, got {self.lr_warmup_iters}")
+        decay = self.lr_decay_iters if self.lr_decay_iters is not None else train_iters
+        if self.lr_warmup_iters > decay:
+            _err(f"--lr-warmup-iters {self.lr_warmup_iters} exceeds the decay iterations {decay} "
+                 "(--lr-decay-iters, default --train-iters)")
+        return dataclasses.replace(self, lr_decay_iters=decay)
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: Optional[int] = None
+    finetune: bool = False
+    ckpt_step: Optional[int] = None
+    load_optim: bool = True
+    load_rng: bool = True
+    load_loader_state: bool = True
+    keep_last_checkpoints: Optional[int] = None
+    optim_fully_reshardable: bool = False  # distributed optimizer: model-space state
+
+    def resolve(self) -> "CheckpointConfig":
+        if self.save_interval is not None and self.save_interval < 1:
+            _err(f"--save-interval must be >= 1, got {self.save_interval}")
+        if self.load is not None:
+            if not os.path.isdir(self.load):
+                _err(f"--load {self.load}: no such directory")
+            tracker = os.path.join(self.load, checkpoint.TRACKER_FILE)
+            if not os.path.isfile(tracker) and not (
+                    self.save and os.path.abspath(self.save) == os.path.abspath(self.load)):
+                _err(f"--load {self.load}: no {checkpoint.TRACKER_FILE} there (no completed "
+                     "checkpoint)")
+            if self.ckpt_step is not None:
+                step_dir = os.path.join(self.load, checkpoint.checkpoint_name(self.ckpt_step))
+                if not os.path.isfile(os.path.join(step_dir, "metadata.json")):
+                    _err(f"--ckpt-step {self.ckpt_step}: no complete checkpoint {step_dir}")
+        # nothing to save to (e.g. SAVE=none in examples/): no interval
+        return dataclasses.replace(self, save_interval=self.save_interval if self.save else None)
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 5
+    eval_interval: Optional[int] = None
+    eval_iters: int = 2
+    tensorboard_dir: Optional[str] = None
+    metrics_file: Optional[str] = None
+    log_sample_keys: bool = False
+    peak_tflops: Optional[float] = None
+
+    def resolve(self) -> "LoggingConfig":
+        _at_least(self, ("log_interval",))
+        if self.eval_interval is not None and self.eval_interval < 1:
+            _err(f"--eval-interval must be >= 1, got {self.eval_interval}")
+        return self
+
+
+@dataclass
+class DebugConfig:
+    """Test hooks (never stored): SIGKILL after an iteration / during a save, a NaN loss at an
+    iteration. Carried out by :mod:`megatron_longvila.training.faults`."""
+    kill_after_iteration: Optional[int] = None
+    kill_during_save: Optional[int] = None
+    nan_at_iteration: Optional[int] = None
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    @property
+    def arch(self) -> LongVILAConfig:
+        assert self.model.arch is not None, "resolve_run_config() first"
+        return self.model.arch
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready (what a checkpoint stores); the debug hooks are left out."""
+        out = {}
+        for f in dataclasses.fields(self):
+            if f.name == "debug":
+                continue
+            sec = dataclasses.asdict(getattr(self, f.name))
+            if f.name == "model":
+                sec["arch"] = self.model.arch.to_dict() if self.model.arch is not None else None
+            out[f.name] = sec
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "RunConfig":
+        """The inverse of :meth:`to_dict`; an unknown section or key raises ``ValueError``
+        naming it (a config written by another version is never read half)."""
+        if not isinstance(d, dict):
+            _err(f"a run config is a JSON object, got {type(d).__name__}")
+        kinds = {f.name: f.default_factory for f in dataclasses.fields(cls) if f.name != "debug"}
+        sections = {}
+        for name, sec in d.items():
+            if name not in kinds:
+                _err(f"run config: unknown section {name!r} (known: {sorted(kinds)})")
+            sec = dict(sec)
+            known = {f.name for f in dataclasses.fields(kinds[name])}
+            bad = sorted(set(sec) - known)
+            if bad:
+                _err(f"run config: unknown key(s) {bad} in section {name!r}")
+            if name == "model" and sec.get("arch") is not None:
+                sec["arch"] = LongVILAConfig.from_dict(sec["arch"])
+            sections[name] = kinds[name](**sec)
+        return cls(**sections)
+
+
+def resolve_run_config(cfg: RunConfig, world_size: int) -> RunConfig:
+    """Check ``cfg`` against ``world_size`` before any process group exists and return it with
+    every derived value filled (the model architecture, DP size, accumulation steps, defaults).
+    Raises ``ValueError`` naming the flags and numbers."""
+    ckpt = cfg.checkpoint.resolve()
+    arch = cfg.model.resolve_arch(ckpt.load)
+    tr = cfg.training
+    par = cfg.parallel.resolve(world_size, arch, tr.seq_length * tr.micro_batch_size,
+                               cfg.model.transformer_impl)
+    training = tr.resolve(par.data_parallel_size, world_size, par.tensor_model_parallel_size,
+                          par.context_parallel_size, arch)
+    if cfg.model.precision not in PRECISIONS:
+        _err(f"precision {cfg.model.precision!r} is not one of {PRECISIONS}")
+    return dataclasses.replace(
+        cfg, model=dataclasses.replace(cfg.model, arch=arch), parallel=par,
+        data=cfg.data.resolve(cfg.model.name), training=training,
+        optimizer=cfg.optimizer.resolve(training.train_iters), checkpoint=ckpt,
+        logging=cfg.logging.resolve())
+
+
+def _is_number(s) -> bool:
+    try:
+        float(s)
+        return True
+    except (TypeError, ValueError):
+        return False
