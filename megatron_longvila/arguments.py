@@ -15,7 +15,11 @@ from typing import List, Optional
 from .config import (STAGES, TRAINABLE_PARTS, CheckpointConfig, DataConfig, DebugConfig,
                      LoggingConfig, ModelConfig, OptimizerConfig, ParallelConfig, RunConfig,
                      TrainingConfig, resolve_run_config)
+from .megatron_cli import UnsupportedFlagError, add_refused_flags
 from .parallel.groups import add_mmsp_arguments, reconcile_mmsp_flags
+
+__all__ = ["UnsupportedFlagError", "add_parallel_arguments", "build_parser", "config_from_args",
+           "parallel_config_from_args", "parse_args", "run_config_from_argv"]
 
 
 def add_parallel_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -76,6 +80,35 @@ def build_parser() -> argparse.ArgumentParser:
                         "Engine run is measured; transformer_engine: runs it and warns that this "
                         "path is not verified")
     g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None)
+    # Megatron-LM's architecture flags with their meaning (the preset gives what they leave out)
+    g.add_argument("--normalization", choices=("RMSNorm", "LayerNorm"), default=None,
+                   help="RMSNorm only (LongVILA's LLMs); LayerNorm is refused")
+    g.add_argument("--norm-epsilon", type=float, default=None, help="RMSNorm epsilon")
+    g.add_argument("--swiglu", action="store_true",
+                   help="accepted: the MLP is SwiGLU (Qwen2 / Llama-3)")
+    g.add_argument("--disable-bias-linear", action="store_true",
+                   help="accepted: no linear layer has a bias (except --add-qkv-bias)")
+    g.add_argument("--add-qkv-bias", action="store_true", default=None,
+                   help="biases on the QKV projection (Qwen2)")
+    g.add_argument("--group-query-attention", action="store_true",
+                   help="accepted: grouped-query attention with --num-query-groups groups")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None,
+                   help="separate output layer (default: the preset's)")
+    g.add_argument("--position-embedding-type", choices=("rope", "learned_absolute", "none"),
+                   default=None, help="rope only")
+    g.add_argument("--use-rotary-position-embeddings", action="store_true",
+                   help="accepted: RoPE (Megatron-LM's older spelling)")
+    g.add_argument("--rotary-percent", type=float, default=1.0, help="1.0 only")
+    g.add_argument("--kv-channels", type=int, default=None,
+                   help="must equal --hidden-size / --num-attention-heads")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="the LLM's vocabulary, padded as Megatron-LM pads it "
+                        "(--make-vocab-size-divisible-by x TP)")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    g.add_argument("--attention-dropout", type=float, default=0.0, help="0.0 only")
+    g.add_argument("--hidden-dropout", type=float, default=0.0, help="0.0 only")
+    g.add_argument("--use-mcore-models", action="store_true",
+                   help="accepted: the model is always Megatron-Core's")
 
     add_parallel_arguments(p)
     g = p.add_argument_group("distributed")
@@ -97,7 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--micro-batch-size", type=int, default=1)
     g.add_argument("--global-batch-size", type=int, default=None,
                    help="default: micro-batch size x data-parallel size")
-    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--train-iters", type=int, default=None,
+                   help="default 100 (or from --train-samples)")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="training length in samples: ceil(samples / global batch) iterations; "
+                        "the learning-rate schedule then counts samples (as Megatron-LM)")
+    g.add_argument("--calculate-per-token-loss", action="store_true",
+                   help="accepted: the loss is always the mean over the global batch's tokens")
     g.add_argument("--lr", type=float, default=1e-3)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", default="cosine",
@@ -106,6 +145,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-warmup-init", type=float, default=0.0)
     g.add_argument("--lr-wsd-decay-iters", type=int, default=None)
+    g.add_argument("--lr-decay-samples", type=int, default=None,
+                   help="with --train-samples (default: --train-samples)")
+    g.add_argument("--lr-warmup-samples", type=int, default=0, help="with --train-samples")
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warm-up as a fraction of the decay length")
+    g.add_argument("--lr-wsd-decay-samples", type=int, default=None, help="with --train-samples")
+    g.add_argument("--start-weight-decay", type=float, default=None,
+                   help="default: --weight-decay")
+    g.add_argument("--end-weight-decay", type=float, default=None,
+                   help="default: --weight-decay")
+    g.add_argument("--weight-decay-incr-style", choices=("constant", "linear", "cosine"),
+                   default="constant")
+    g.add_argument("--optimizer", choices=("adam", "sgd"), default="adam")
+    g.add_argument("--sgd-momentum", type=float, default=0.9)
+    g.add_argument("--loss-scale", type=float, default=None,
+                   help="fp16: a static loss scale (default: dynamic)")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0 ** 16,
+                   help="fp16 dynamic loss scale start (Megatron-LM's default is 2^32)")
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=float, default=1000)
+    g.add_argument("--hysteresis", type=int, default=2)
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
@@ -121,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --on-nan skip: stop after this many skipped iterations")
 
     g = p.add_argument_group("checkpointing")
+    g.add_argument("--ckpt-format", choices=("torch_dist",), default="torch_dist",
+                   help="Megatron-Core dist checkpointing (the only format written and read)")
+    g.add_argument("--use-checkpoint-args", action="store_true",
+                   help="accepted: the architecture is --load's own unless "
+                        "--override-checkpoint-config")
+    g.add_argument("--exit-on-missing-checkpoint", action="store_true",
+                   help="stop if --load holds no checkpoint (default: start from scratch)")
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
@@ -183,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also record every iteration's sample keys in --metrics-file")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="per-GPU peak for MFU (default: by device name, e.g. H100 989)")
+    add_refused_flags(p)
     return p
 
 
@@ -190,10 +258,39 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
 
+def _check_megatron_values(ns: argparse.Namespace):
+    """Megatron-LM flags accepted only with the value this trainer implements."""
+    fixed = [("--normalization", ns.normalization, (None, "RMSNorm"),
+              "LongVILA's LLMs use RMSNorm"),
+             ("--position-embedding-type", ns.position_embedding_type, (None, "rope"),
+              "LongVILA's LLMs use RoPE"),
+             ("--rotary-percent", ns.rotary_percent, (1.0,), "RoPE rotates every channel"),
+             ("--attention-dropout", ns.attention_dropout, (0.0,), "LongVILA trains without dropout"),
+             ("--hidden-dropout", ns.hidden_dropout, (0.0,), "LongVILA trains without dropout")]
+    for flag, value, ok, why in fixed:
+        if value not in ok:
+            raise UnsupportedFlagError(f"{flag} {value}: not supported ({why}); accepted: "
+                                       f"{', '.join(str(v) for v in ok if v is not None)}")
+    if ns.train_samples is not None and ns.train_iters is not None:
+        raise ValueError("--train-samples and --train-iters are exclusive")
+    if ns.lr_warmup_fraction is not None and (ns.lr_warmup_iters or ns.lr_warmup_samples):
+        raise ValueError("--lr-warmup-fraction and --lr-warmup-iters/--lr-warmup-samples are "
+                         "exclusive")
+    if ns.train_samples is None and (ns.lr_decay_samples is not None or ns.lr_warmup_samples
+                                     or ns.lr_wsd_decay_samples is not None):
+        raise ValueError("--lr-decay-samples/--lr-warmup-samples/--lr-wsd-decay-samples need "
+                         "--train-samples (use the -iters flags otherwise)")
+    if ns.train_samples is not None and (ns.lr_decay_iters is not None or ns.lr_warmup_iters
+                                         or ns.lr_wsd_decay_iters is not None):
+        raise ValueError("with --train-samples the schedule is given in samples "
+                         "(--lr-decay-samples, --lr-warmup-samples, --lr-wsd-decay-samples)")
+
+
 def config_from_args(ns: argparse.Namespace) -> RunConfig:
     """Map parsed flags onto the (unchecked) RunConfig; nothing else."""
     if ns.bf16 and ns.fp16:
         raise ValueError("--bf16 and --fp16 are exclusive")
+    _check_megatron_values(ns)
     return RunConfig(
         model=ModelConfig(
             name=ns.model, vision_model=ns.vision_model, projector_type=ns.projector_type,
@@ -201,6 +298,11 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
             ffn_hidden_size=ns.ffn_hidden_size, num_attention_heads=ns.num_attention_heads,
             num_query_groups=ns.num_query_groups, rotary_base=ns.rotary_base,
             max_position_embeddings=ns.max_position_embeddings,
+            norm_epsilon=ns.norm_epsilon, add_qkv_bias=ns.add_qkv_bias,
+            untie_embeddings_and_output_weights=ns.untie_embeddings_and_output_weights,
+            vocab_size=ns.vocab_size,
+            make_vocab_size_divisible_by=ns.make_vocab_size_divisible_by,
+            kv_channels=ns.kv_channels,
             override_checkpoint_config=ns.override_checkpoint_config,
             transformer_impl=ns.transformer_impl, recompute_granularity=ns.recompute_granularity,
             precision="bf16" if ns.bf16 else "fp16" if ns.fp16 else "fp32"),
@@ -215,20 +317,28 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
         training=TrainingConfig(
             stage=ns.stage, trainable=ns.trainable, seq_length=ns.seq_length,
             micro_batch_size=ns.micro_batch_size, global_batch_size=ns.global_batch_size,
-            train_iters=ns.train_iters, seed=ns.seed, on_nan=ns.on_nan,
+            train_iters=ns.train_iters, train_samples=ns.train_samples, seed=ns.seed, on_nan=ns.on_nan,
             max_skipped_iters=ns.max_skipped_iters),
         optimizer=OptimizerConfig(
             lr=ns.lr, min_lr=ns.min_lr, lr_decay_style=ns.lr_decay_style,
             lr_decay_iters=ns.lr_decay_iters, lr_warmup_iters=ns.lr_warmup_iters,
             lr_warmup_init=ns.lr_warmup_init, lr_wsd_decay_iters=ns.lr_wsd_decay_iters,
             weight_decay=ns.weight_decay, adam_beta1=ns.adam_beta1, adam_beta2=ns.adam_beta2,
-            adam_eps=ns.adam_eps, clip_grad=ns.clip_grad),
+            adam_eps=ns.adam_eps, clip_grad=ns.clip_grad, lr_decay_samples=ns.lr_decay_samples,
+            lr_warmup_samples=ns.lr_warmup_samples, lr_warmup_fraction=ns.lr_warmup_fraction,
+            lr_wsd_decay_samples=ns.lr_wsd_decay_samples,
+            start_weight_decay=ns.start_weight_decay, end_weight_decay=ns.end_weight_decay,
+            weight_decay_incr_style=ns.weight_decay_incr_style, optimizer=ns.optimizer,
+            sgd_momentum=ns.sgd_momentum, loss_scale=ns.loss_scale,
+            initial_loss_scale=ns.initial_loss_scale, min_loss_scale=ns.min_loss_scale,
+            loss_scale_window=ns.loss_scale_window, hysteresis=ns.hysteresis),
         checkpoint=CheckpointConfig(
             save=ns.save, load=ns.load, save_interval=ns.save_interval, finetune=ns.finetune,
             ckpt_step=ns.ckpt_step, load_optim=not ns.no_load_optim,
             load_rng=not ns.no_load_rng, load_loader_state=not ns.no_load_loader_state,
             keep_last_checkpoints=ns.keep_last_checkpoints,
-            optim_fully_reshardable=ns.dist_ckpt_optim_fully_reshardable),
+            optim_fully_reshardable=ns.dist_ckpt_optim_fully_reshardable,
+            exit_on_missing_checkpoint=ns.exit_on_missing_checkpoint),
         logging=LoggingConfig(
             log_interval=ns.log_interval, eval_interval=ns.eval_interval,
             eval_iters=ns.eval_iters, tensorboard_dir=ns.tensorboard_dir,

@@ -63,6 +63,12 @@ class ModelConfig:
     num_query_groups: Optional[int] = None
     rotary_base: Optional[float] = None
     max_position_embeddings: Optional[int] = None
+    norm_epsilon: Optional[float] = None
+    add_qkv_bias: Optional[bool] = None
+    untie_embeddings_and_output_weights: Optional[bool] = None
+    vocab_size: Optional[int] = None  # Megatron-LM's: padded to a multiple of the next x TP
+    make_vocab_size_divisible_by: int = 128
+    kv_channels: Optional[int] = None  # Megatron-LM's; must be hidden / heads
     override_checkpoint_config: bool = False
     transformer_impl: str = "auto"
     recompute_granularity: Optional[str] = None
@@ -73,7 +79,7 @@ class ModelConfig:
     def dtype(self) -> torch.dtype:
         return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[self.precision]
 
-    def resolve_arch(self, load: Optional[str]) -> LongVILAConfig:
+    def resolve_arch(self, load: Optional[str], tp: int = 1) -> LongVILAConfig:
         """The preset's (or ``load``'s stored) LongVILAConfig with the overrides applied."""
         cfg = None
         if load and not self.override_checkpoint_config:
@@ -84,10 +90,28 @@ class ModelConfig:
             num_layers=self.num_layers, hidden_size=self.hidden_size,
             ffn_hidden_size=self.ffn_hidden_size, num_attention_heads=self.num_attention_heads,
             num_query_groups=self.num_query_groups, rope_base=self.rotary_base,
-            max_position_embeddings=self.max_position_embeddings).items() if v is not None}
+            max_position_embeddings=self.max_position_embeddings, norm_eps=self.norm_epsilon,
+            qkv_bias=self.add_qkv_bias,
+            tie_word_embeddings=None if self.untie_embeddings_and_output_weights is None
+            else not self.untie_embeddings_and_output_weights,
+            vocab_size=None if self.vocab_size is None else padded_vocab_size(
+                self.vocab_size, self.make_vocab_size_divisible_by, tp)).items()
+            if v is not None}
         if over:
             cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, **over))
+        if self.kv_channels is not None and self.kv_channels != cfg.llm.kv_channels:
+            _err(f"--kv-channels {self.kv_channels}: the attention head size here is "
+                 f"--hidden-size / --num-attention-heads = {cfg.llm.kv_channels}")
         return cfg
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    """Megatron-LM's padding: the next multiple of ``divisible_by x tp``."""
+    if vocab_size < 1 or divisible_by < 1:
+        _err(f"--vocab-size {vocab_size} / --make-vocab-size-divisible-by {divisible_by} "
+             "must be >= 1")
+    m = divisible_by * tp
+    return -(-vocab_size // m) * m
 
 
 @dataclass
@@ -212,7 +236,8 @@ class TrainingConfig:
     seq_length: int = 256
     micro_batch_size: int = 1
     global_batch_size: Optional[int] = None  # resolved: default micro x DP
-    train_iters: int = 100
+    train_iters: Optional[int] = None  # resolved: default 100, or train_samples // global batch
+    train_samples: Optional[int] = None  # Megatron-LM's training length in samples
     seed: int = 1234
     on_nan: str = "stop"
     max_skipped_iters: int = 10
@@ -220,12 +245,21 @@ class TrainingConfig:
 
     def resolve(self, dp: int, world_size: int, tp: int, cp: int,
                 arch: LongVILAConfig) -> "TrainingConfig":
-        _at_least(self, ("seq_length", "micro_batch_size", "train_iters"))
+        _at_least(self, ("seq_length", "micro_batch_size"))
         mbs = self.micro_batch_size
         gbs = self.global_batch_size if self.global_batch_size is not None else mbs * dp
         if gbs % (mbs * dp):
             _err(f"--global-batch-size {gbs} is not divisible by --micro-batch-size {mbs} x "
                  f"data-parallel size {dp} (= world {world_size} / (tp {tp} x sp {cp}))")
+        iters = self.train_iters
+        if self.train_samples is not None:  # as Megatron-LM: whole global batches
+            iters = self.train_samples // gbs
+            if iters < 1:
+                _err(f"--train-samples {self.train_samples} is less than one global batch {gbs}")
+        elif iters is None:
+            iters = 100
+        if iters < 1:
+            _err(f"--train-iters must be >= 1, got {iters}")
         if self.seq_length > arch.llm.max_position_embeddings:
             _err(f"--seq-length {self.seq_length} exceeds the model's max position embeddings "
                  f"{arch.llm.max_position_embeddings} (raise --max-position-embeddings)")
@@ -233,7 +267,7 @@ class TrainingConfig:
         if trainable is None:
             trainable = list(STAGE_TRAINABLE[self.stage]) if self.stage else list(TRAINABLE_PARTS)
         return dataclasses.replace(self, global_batch_size=gbs, trainable=list(trainable),
-                                   num_micro_batches=gbs // (mbs * dp))
+                                   num_micro_batches=gbs // (mbs * dp), train_iters=iters)
 
 
 @dataclass
@@ -250,17 +284,58 @@ class OptimizerConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    optimizer: str = "adam"  # adam | sgd
+    sgd_momentum: float = 0.9
+    start_weight_decay: Optional[float] = None  # default: weight_decay
+    end_weight_decay: Optional[float] = None
+    weight_decay_incr_style: str = "constant"
+    loss_scale: Optional[float] = None  # fp16: static scale; None: dynamic
+    initial_loss_scale: float = 2.0 ** 16
+    min_loss_scale: float = 1.0
+    loss_scale_window: float = 1000
+    hysteresis: int = 2
+    # Megatron-LM's schedule in samples (with --train-samples)
+    lr_decay_samples: Optional[int] = None
+    lr_warmup_samples: int = 0
+    lr_warmup_fraction: Optional[float] = None
+    lr_wsd_decay_samples: Optional[int] = None
+    # resolved: the scheduler's lengths in samples, as Megatron-LM's OptimizerParamScheduler
+    warmup_steps: int = 0
+    decay_steps: int = 0
+    wsd_decay_steps: Optional[int] = None
+    wd_incr_steps: int = 0
 
-    def resolve(self, train_iters: int) -> "OptimizerConfig":
+    def resolve(self, train_iters: int, global_batch_size: int,
+                train_samples: Optional[int] = None) -> "OptimizerConfig":
         if self.min_lr > self.lr:
             _err(f"--min-lr {self.min_lr} is above --lr {self.lr}")
         if self.lr_warmup_iters < 0:
             _err(f"--lr-warmup-iters must be >= 0, got {self.lr_warmup_iters}")
-        decay = self.lr_decay_iters if self.lr_decay_iters is not None else train_iters
-        if self.lr_warmup_iters > decay:
-            _err(f"--lr-warmup-iters {self.lr_warmup_iters} exceeds the decay iterations {decay} "
-                 "(--lr-decay-iters, default --train-iters)")
-        return dataclasses.replace(self, lr_decay_iters=decay)
+        if self.lr_warmup_fraction is not None and not 0.0 <= self.lr_warmup_fraction <= 1.0:
+            _err(f"--lr-warmup-fraction {self.lr_warmup_fraction} is not in [0, 1]")
+        gbs = global_batch_size
+        decay_iters = self.lr_decay_iters if self.lr_decay_iters is not None else train_iters
+        if self.lr_warmup_iters > decay_iters:
+            _err(f"--lr-warmup-iters {self.lr_warmup_iters} exceeds the decay iterations "
+                 f"{decay_iters} (--lr-decay-iters, default --train-iters)")
+        if train_samples is not None:
+            decay = self.lr_decay_samples if self.lr_decay_samples is not None else train_samples
+            warmup, what = self.lr_warmup_samples, "--lr-warmup-samples"
+            wsd, wd_incr = self.lr_wsd_decay_samples, train_samples
+        else:
+            decay = decay_iters * gbs
+            warmup, what = self.lr_warmup_iters * gbs, "--lr-warmup-iters"
+            wsd = None if self.lr_wsd_decay_iters is None else self.lr_wsd_decay_iters * gbs
+            wd_incr = train_iters * gbs
+        if self.lr_warmup_fraction is not None:
+            warmup, what = int(self.lr_warmup_fraction * decay), "--lr-warmup-fraction"
+        if warmup > decay:
+            _err(f"{what} gives {warmup} warm-up samples, more than the {decay} decay samples "
+                 "(--lr-decay-iters / --lr-decay-samples, default the training length)")
+        if self.optimizer not in ("adam", "sgd"):
+            _err(f"--optimizer {self.optimizer!r} is not adam or sgd")
+        return dataclasses.replace(self, lr_decay_iters=decay_iters, warmup_steps=warmup,
+                                   decay_steps=decay, wsd_decay_steps=wsd, wd_incr_steps=wd_incr)
 
 
 @dataclass
@@ -275,6 +350,7 @@ class CheckpointConfig:
     load_loader_state: bool = True
     keep_last_checkpoints: Optional[int] = None
     optim_fully_reshardable: bool = False  # distributed optimizer: model-space state
+    exit_on_missing_checkpoint: bool = False
 
     def resolve(self) -> "CheckpointConfig":
         if self.save_interval is not None and self.save_interval < 1:
@@ -376,7 +452,7 @@ def resolve_run_config(cfg: RunConfig, world_size: int) -> RunConfig:
     every derived value filled (the model architecture, DP size, accumulation steps, defaults).
     Raises ``ValueError`` naming the flags and numbers."""
     ckpt = cfg.checkpoint.resolve()
-    arch = cfg.model.resolve_arch(ckpt.load)
+    arch = cfg.model.resolve_arch(ckpt.load, cfg.parallel.tensor_model_parallel_size)
     tr = cfg.training
     par = cfg.parallel.resolve(world_size, arch, tr.seq_length * tr.micro_batch_size,
                                cfg.model.transformer_impl)
@@ -387,7 +463,8 @@ def resolve_run_config(cfg: RunConfig, world_size: int) -> RunConfig:
     return dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, arch=arch), parallel=par,
         data=cfg.data.resolve(cfg.model.name), training=training,
-        optimizer=cfg.optimizer.resolve(training.train_iters), checkpoint=ckpt,
+        optimizer=cfg.optimizer.resolve(training.train_iters, training.global_batch_size,
+                                        training.train_samples), checkpoint=ckpt,
         logging=cfg.logging.resolve())
 
 

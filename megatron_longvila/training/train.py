@@ -105,26 +105,29 @@ def use_fused_adam(optimizer) -> bool:
 
 def build_optimizer(cfg: RunConfig, ddp):
     """Megatron-Core's optimizer and learning-rate scheduler of the config."""
-    o, gbs = cfg.optimizer, cfg.training.global_batch_size
+    o = cfg.optimizer
     precision = cfg.model.precision
     optimizer = get_megatron_optimizer(McoreOptimizerConfig(
-        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        optimizer=o.optimizer, lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
         adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
-        clip_grad=o.clip_grad, bf16=precision == "bf16", fp16=precision == "fp16",
-        params_dtype=cfg.model.dtype,
+        sgd_momentum=o.sgd_momentum, clip_grad=o.clip_grad, bf16=precision == "bf16",
+        fp16=precision == "fp16", params_dtype=cfg.model.dtype,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-        loss_scale=None, initial_loss_scale=2 ** 16, hysteresis=2), [ddp])
+        loss_scale=o.loss_scale, initial_loss_scale=o.initial_loss_scale,
+        min_loss_scale=o.min_loss_scale, loss_scale_window=o.loss_scale_window,
+        hysteresis=o.hysteresis), [ddp])
     if torch.cuda.is_available():
         use_fused_adam(optimizer)
-    wsd = o.lr_wsd_decay_iters
-    scheduler = OptimizerParamScheduler(
+    wd0 = o.weight_decay if o.start_weight_decay is None else o.start_weight_decay
+    wd1 = o.weight_decay if o.end_weight_decay is None else o.end_weight_decay
+    scheduler = OptimizerParamScheduler(  # lengths in samples, as Megatron-LM
         optimizer, init_lr=o.lr_warmup_init, max_lr=o.lr, min_lr=o.min_lr,
-        lr_warmup_steps=o.lr_warmup_iters * gbs, lr_decay_steps=o.lr_decay_iters * gbs,
-        lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-        wd_incr_steps=cfg.training.train_iters * gbs, wd_incr_style="constant",
+        lr_warmup_steps=o.warmup_steps, lr_decay_steps=o.decay_steps,
+        lr_decay_style=o.lr_decay_style, start_wd=wd0, end_wd=wd1,
+        wd_incr_steps=o.wd_incr_steps, wd_incr_style=o.weight_decay_incr_style,
         use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
-        wsd_decay_steps=None if wsd is None else wsd * gbs,
-        lr_wsd_decay_style="linear" if wsd is not None else None)
+        wsd_decay_steps=o.wsd_decay_steps,
+        lr_wsd_decay_style="linear" if o.wsd_decay_steps is not None else None)
     ddp.config.grad_scale_func = optimizer.scale_loss
     return optimizer, scheduler
 
@@ -179,6 +182,9 @@ def resume(cfg: RunConfig, ddp, optimizer, scheduler, loader) -> Tuple[int, Dict
     c = cfg.checkpoint
     consumed = {"samples": 0, "micro_batches": 0, "skipped_iterations": 0}
     if not (c.load and has_checkpoint(c.load)):
+        if c.load and c.exit_on_missing_checkpoint:
+            raise TrainingError(f"--load {c.load} holds no checkpoint "
+                                "(--exit-on-missing-checkpoint)")
         if c.load:
             print_rank0(f"--load {c.load} holds no checkpoint yet: starting from scratch")
         return 0, consumed
