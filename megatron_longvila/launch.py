@@ -107,7 +107,7 @@ def _worker(rank, world_size, store_file, fn, args, results, collected, threads)
         shutdown()
 
 
-def spawn(fn: Callable, world_size: int, *args, timeout: float = 600, threads: int = 1,
+def spawn(fn: Callable, world_size: int, *args, timeout: Optional[float] = 600, threads: int = 1,
           reraise: Sequence[Type[BaseException]] = ()) -> List[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks in fresh (spawned)
     processes joined by a file store; return the ranks' results in rank order (picklable values
@@ -116,7 +116,7 @@ def spawn(fn: Callable, world_size: int, *args, timeout: float = 600, threads: i
     A failing rank raises :class:`WorkerError` naming it, with its traceback; if its exception
     class is one of ``reraise`` (matched by name), that class is raised with the worker's
     message instead. A rank that dies without a word (killed, out of memory) or a run longer
-    than ``timeout`` seconds raises :class:`WorkerError` too. ``threads``: torch threads per
+    than ``timeout`` seconds (None: no limit) raises :class:`WorkerError` too. ``threads``: torch threads per
     rank (0: torch's default)."""
     ctx = mp.get_context("spawn")
     results, collected = ctx.Queue(), ctx.Event()
@@ -128,7 +128,7 @@ def spawn(fn: Callable, world_size: int, *args, timeout: float = 600, threads: i
     for p in procs:
         p.start()
     got, error = {}, None
-    deadline = time.time() + timeout
+    deadline = None if timeout is None else time.time() + timeout
     try:
         while len(got) < world_size and error is None:
             try:
@@ -138,7 +138,7 @@ def spawn(fn: Callable, world_size: int, *args, timeout: float = 600, threads: i
                 if dead:
                     error = WorkerError(dead[0][0], "died", f"exit code {dead[0][1]}",
                                         f"exited with code {dead[0][1]} before reporting")
-                elif time.time() > deadline:
+                elif deadline is not None and time.time() > deadline:
                     error = WorkerError(-1, "timeout", f"no result after {timeout}s",
                                         f"timed out after {timeout}s")
                 continue
