@@ -125,14 +125,16 @@ class HFLongVILA(nn.Module):
                 frames: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 cu_seqlens: Optional[torch.Tensor] = None,
                 frames_per_sample: Optional[torch.Tensor] = None, parallel_output: bool = False,
-                per_sample: bool = True) -> LongVILAOutput:
+                output_rows: Optional[torch.Tensor] = None, per_sample: bool = True
+                ) -> LongVILAOutput:
         """One row ``tokens [1, S]``; logits ``[1, S, V]`` or, with labels (next-token ids,
         ``IGNORE_INDEX`` where none), per-token fp32 losses ``[1, S]``.
 
         Packed rows (``cu_seqlens``): with ``per_sample`` each sub-sequence runs on its own
         (exact document masking in any attention implementation); otherwise the whole row
         runs in one call with its restarting ``position_ids`` and the LM's attention
-        implementation must keep the documents apart.
+        implementation must keep the documents apart. ``output_rows``: only those positions'
+        outputs (as ``LongVILAModel``).
         """
         if tokens.shape[0] != 1:
             raise ValueError(f"HFLongVILA takes one row: tokens [1, S], got {tuple(tokens.shape)}")
@@ -145,6 +147,10 @@ class HFLongVILA(nn.Module):
             self.lm(inputs_embeds=emb[None, s:e], position_ids=position_ids[:, s:e]).logits[0]
             for s, e in zip(bounds[:-1], bounds[1:]) if e > s])
         rows = torch.arange(S, device=tokens.device)[None]
+        if output_rows is not None:
+            keep = torch.as_tensor(output_rows, device=tokens.device).reshape(-1)
+            rows, logits = rows[:, keep], logits[keep]
+            labels = None if labels is None else labels[:, keep]
         if labels is None:
             return LongVILAOutput(logits[None], None, rows)
         valid = labels[0] != IGNORE_INDEX

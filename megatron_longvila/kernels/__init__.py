@@ -17,5 +17,6 @@ describes its attention as :class:`~megatron_longvila.kernels.attention.VarlenBl
 
 * :mod:`.attention` - ``VarlenBlock``, ``block_forward`` / ``block_backward`` (cuDNN / flash
   varlen on CUDA, CPU flash, exact math), ``ring_attention`` (log-sum-exp merge, ring
-  backward), ``all_to_all`` (Ulysses), ``attention_2d`` (Ulysses x ring), ``varlen_attention``.
+  backward), ``all_to_all`` (Ulysses), ``attention_2d`` (Ulysses x ring), ``varlen_attention``,
+  ``partial_attention`` / ``merge_partials`` (decoding against a sharded KV cache).
 """

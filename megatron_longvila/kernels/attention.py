@@ -363,6 +363,31 @@ def _merge(out, lse, o_b, l_b):
     return new
 
 
+def merge_partials(outs: List[torch.Tensor], lses: List[torch.Tensor]) -> torch.Tensor:
+    """Exact attention from partial results over disjoint key sets: ``outs[i] [n,h,d]`` with
+    ``lses[i] [h,n]`` (``-inf`` where a part saw no key), merged by log-sum-exp in list order
+    (the same merge as the ring's). Returns ``[n,h,d]`` in the accumulation dtype."""
+    acc = torch.float64 if outs[0].dtype == torch.float64 else torch.float32
+    out = outs[0].to(acc).clone()
+    lse = lses[0].to(acc)
+    for o, l in zip(outs[1:], lses[1:]):
+        lse = _merge(out, lse, o.to(acc), l.to(acc))
+    return out
+
+
+def partial_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """Attention of ``q [n,h,d]`` on every key of ``k/v [L,g,d]`` (no mask: decoding, every
+    cached key precedes the query), through the block kernels: ``(out [n,h,d], lse [h,n])``
+    in the accumulation dtype, ready for :func:`merge_partials`."""
+    n, L = q.shape[0], k.shape[0]
+    acc = _acc_dtype(q)
+    if L == 0:
+        return (q.new_zeros(q.shape, dtype=acc),
+                q.new_full((q.shape[1], n), _NEG_INF, dtype=acc))
+    out, lse = block_forward(q, k, v, VarlenBlock([(0, n)], [(0, L)], False, n, L), scale)
+    return out.to(acc), lse.to(acc)
+
+
 # ------------------------------------------------------------------ ring
 
 class _P2P:

@@ -74,6 +74,19 @@ class LongVILACoreAttention(MegatronModule):
             raise ValueError("attention_bias is not supported by LongVILACoreAttention")
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         causal = mask_type == AttnMaskType.causal
+        cache = getattr(packed_seq_params, "kv_cache", None)
+        if cache is not None and cache.decoding:
+            # generation: the new tokens against the (SP-sharded) KV cache of their prompts
+            s, b = query.shape[:2]
+            out = cache.attend(self.layer_number, query[:, 0], key[:, 0], value[:, 0],
+                               self.softmax_scale)
+            return out.reshape(s, b, -1)
+        out = self._attention(query, key, value, causal, packed_seq_params)
+        if cache is not None:  # prefill: keep this rank's keys/values
+            cache.store_prefill(self.layer_number, key[:, 0], value[:, 0])
+        return out
+
+    def _attention(self, query, key, value, causal, packed_seq_params):
         cu = packed_seq_params.cu_seqlens_q if packed_seq_params is not None else None
         mmsp = getattr(packed_seq_params, "mmsp", None)
         if mmsp is not None:

@@ -13,8 +13,9 @@ gathering of outputs need (the rows' loss mask and input positions), as Megatron
 returns ``(output, loss_mask)``. Nothing is left on the model.
 """
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
@@ -24,8 +25,9 @@ from megatron.core.transformer.module import MegatronModule
 
 from ..constants import IGNORE_INDEX, IMAGE_TOKEN_INDEX
 from ..parallel.groups import get_mmsp_groups
-from ..parallel.sharding import BatchShard, shard_micro_batch
+from ..parallel.sharding import BatchShard, MMSPPackedSeqParams, shard_micro_batch
 from .config import LongVILAConfig
+from .kv_cache import KVCache, rows_per_prompt
 from .projector import MultimodalProjector
 from .specs import (layer_spec, llm_transformer_config, resolve_transformer_impl,
                     vision_transformer_config)
@@ -215,16 +217,114 @@ class LongVILAModel(MegatronModule):
                     trains_encoder and torch.is_grad_enabled())
         return shard.route_visual(emb)
 
+    def local_visual(self, tokens: torch.Tensor, shard: BatchShard,
+                     visual_embeddings: torch.Tensor) -> torch.Tensor:
+        """Precomputed visual tokens of the whole row (``[n_placeholders, h]``, placeholder
+        order, on every rank) -> those of this rank's placeholders."""
+        is_vis = tokens[0] == IMAGE_TOKEN_INDEX
+        n = int(is_vis.sum())
+        if visual_embeddings.shape[0] != n:
+            raise ValueError(f"the tokens hold {n} visual placeholder positions but "
+                             f"visual_embeddings has {visual_embeddings.shape[0]} rows")
+        ordinal = torch.cumsum(is_vis.long(), 0) - 1
+        rows = shard.row_index[0][shard.tokens[0] == IMAGE_TOKEN_INDEX]
+        return visual_embeddings.index_select(0, ordinal[rows].to(visual_embeddings.device))
+
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor,
                 frames: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
                 cu_seqlens: Optional[torch.Tensor] = None,
                 frames_per_sample: Optional[torch.Tensor] = None,
-                parallel_output: bool = True) -> LongVILAOutput:
+                parallel_output: bool = True, output_rows: Optional[torch.Tensor] = None,
+                visual_embeddings: Optional[torch.Tensor] = None) -> LongVILAOutput:
         """Every rank of the SP group passes the same whole micro-batch; each computes its
-        share (MM-SP stage 1: its frames, routed; stage 2: its token shard, 2D attention)."""
+        share (MM-SP stage 1: its frames, routed; stage 2: its token shard, 2D attention).
+
+        ``output_rows``: input positions whose outputs are wanted (one row; default every
+        row): the output layer runs on those of this rank's rows only (long prefill).
+        ``visual_embeddings``: the visual tokens of the whole row, precomputed (instead of
+        ``frames``; e.g. a V-NIAH haystack encoded once).
+        """
         n_frames = 0 if frames is None else int(frames.shape[0])
         shard = self.shard(tokens, position_ids, labels, cu_seqlens, n_frames)
-        hidden = self.embed(shard.tokens, self.visual_embeddings(frames, shard))
-        hidden = self.decode(hidden, shard.position_ids, shard.packed_seq_params)
-        out = self.output(hidden, shard.labels, parallel_output)
-        return LongVILAOutput(out, shard.loss_mask, shard.row_index)
+        return self._forward_shard(tokens, shard, frames, visual_embeddings,
+                                   shard.packed_seq_params, parallel_output, output_rows)
+
+    def _forward_shard(self, tokens, shard, frames, visual_embeddings, packed, parallel_output,
+                       output_rows) -> LongVILAOutput:
+        if visual_embeddings is not None:
+            visual = self.local_visual(tokens, shard, visual_embeddings)
+        else:
+            visual = self.visual_embeddings(frames, shard)
+        hidden = self.embed(shard.tokens, visual)
+        hidden = self.decode(hidden, shard.position_ids, packed)
+        rows, labels = shard.row_index, shard.labels
+        keep = None
+        if output_rows is not None:
+            if rows.shape[0] != 1:
+                raise ValueError("output_rows needs one row: tokens [1, S]")
+            keep = torch.isin(rows[0], torch.as_tensor(output_rows, device=rows.device))
+            rows = rows[:, keep]
+            labels = None if labels is None else labels[:, keep]
+            if not self.config.sequence_parallel:  # (there the output layer gathers the rows)
+                hidden, keep = hidden[keep.to(hidden.device)], None
+        out = self.output(hidden, labels if keep is None else shard.labels, parallel_output)
+        if keep is not None:
+            out = out[:, keep.to(out.device)]
+        return LongVILAOutput(out, None if labels is None else labels != IGNORE_INDEX, rows)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def prefill(self, tokens: torch.Tensor, position_ids: torch.Tensor,
+                cu_seqlens: Optional[torch.Tensor] = None, frames: Optional[torch.Tensor] = None,
+                visual_embeddings: Optional[torch.Tensor] = None, max_new_tokens: int = 32,
+                output_rows: Optional[torch.Tensor] = None):
+        """The forward of a packed row of prompts (``cu_seqlens``: one document each) that
+        also fills a :class:`~megatron_longvila.models.kv_cache.KVCache` with this rank's
+        keys/values (sharded over the SP group as the layout shards the row), with room for
+        ``max_new_tokens`` per prompt. Returns ``(LongVILAOutput of logits, cache)``."""
+        self._check_decodable()
+        if tokens.shape[0] != 1:
+            raise ValueError(f"prefill takes one packed row: tokens [1, S], got {tuple(tokens.shape)}")
+        S = tokens.shape[1]
+        cu = torch.tensor([0, S], dtype=torch.int32) if cu_seqlens is None else cu_seqlens
+        n_frames = 0 if frames is None else int(frames.shape[0])
+        shard = self.shard(tokens, position_ids, None, cu, n_frames)
+        sp = parallel_state.get_context_parallel_world_size() > 1
+        cache = KVCache(rows_per_prompt(shard.row_index[0], cu), max_new_tokens,
+                        parallel_state.get_context_parallel_group() if sp else None)
+        packed = shard.packed_seq_params
+        if isinstance(packed, MMSPPackedSeqParams):
+            packed = dataclasses.replace(packed, kv_cache=cache)
+        else:
+            packed = MMSPPackedSeqParams(**{f.name: getattr(packed, f.name)
+                                            for f in dataclasses.fields(packed)},
+                                         kv_cache=cache)
+        out = self._forward_shard(tokens, shard, frames, visual_embeddings, packed, False,
+                                  output_rows)
+        cache.decoding = True
+        return out, cache
+
+    @torch.no_grad()
+    def decode_step(self, tokens: torch.Tensor, position_ids: torch.Tensor, cache: KVCache,
+                    prompts: Sequence[int]) -> torch.Tensor:
+        """One decoding step: ``tokens [1, n]`` (token j continues prompt ``prompts[j]``) at
+        ``position_ids [1, n]`` -> full-vocabulary logits ``[n, V]``, identical on every rank
+        of the SP group; their keys/values join the cache (which stays sharded)."""
+        self._check_decodable()
+        n = tokens.shape[1]
+        if len(prompts) != n:
+            raise ValueError(f"{n} tokens for {len(prompts)} prompts")
+        cache.active = list(prompts)
+        cu = torch.arange(n + 1, dtype=torch.int32, device=tokens.device)
+        packed = MMSPPackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                     max_seqlen_q=1, max_seqlen_kv=1, kv_cache=cache)
+        hidden = self.decode(self.embed(tokens, None), position_ids, packed)
+        logits = self.output(hidden, None, parallel_output=False)
+        cache.advance()
+        return logits[0]
+
+    def _check_decodable(self):
+        if self.config.sequence_parallel:
+            raise ValueError("generation with the KV cache runs without Megatron's sequence "
+                             "parallelism (--sequence-parallel): one token per prompt cannot be "
+                             "split over the tensor-parallel ranks")

@@ -105,7 +105,8 @@ def select_rows(x_local: torch.Tensor, row_index: torch.Tensor, positions, group
     if single and row_index.numel() == x_local.shape[0] and bool(
             (row_index == torch.arange(len(row_index), device=row_index.device)).all()):
         return x_local[pos]
-    n = int(max(int(pos.max()) if pos.numel() else 0, int(row_index.max()))) + 1
+    n = max(int(pos.max()) if pos.numel() else 0,
+            int(row_index.max()) if row_index.numel() else 0) + 1
     where = torch.full((n,), -1, dtype=torch.long, device=x_local.device)
     valid = row_index >= 0
     where[row_index[valid]] = torch.arange(len(row_index), device=x_local.device)[valid]
@@ -214,8 +215,10 @@ class MMSPContext:
 
 @dataclass
 class MMSPPackedSeqParams(PackedSeqParams):
-    """``PackedSeqParams`` (local shard boundaries in ``cu_seqlens_q``) + the global layout."""
+    """``PackedSeqParams`` (local shard boundaries in ``cu_seqlens_q``) + the global layout
+    (None at SP=1) + the model's KV cache when generating (``models.kv_cache``; None else)."""
     mmsp: Optional[MMSPContext] = None
+    kv_cache: object = None
 
 
 def make_packed_seq_params(layout: SequenceLayout, groups, device=None) -> MMSPPackedSeqParams:
