@@ -7,9 +7,9 @@
 
 Frames go through the preprocessing steps (uniform sampling, resize, JPEG round trip, SigLIP
 normalisation) and the prompt through the training chat template, so a checkpoint sees what it
-was trained on. Decoding re-runs the full forward per token (no KV cache); with several ranks
-the whole forward, prefill included, is sharded by MM-SP over the ranks (the SP group), and
-every rank ends with the same answer (rank 0 prints it).
+was trained on. The prompt is prefilled once and decoded against a KV cache; with several
+ranks the prefill is sharded by MM-SP over the ranks (the SP group), the cache stays sharded,
+and every rank ends with the same answer (rank 0 prints it).
 """
 
 import argparse

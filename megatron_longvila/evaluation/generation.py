@@ -1,13 +1,20 @@
 """Generation for LongVILAModel: prompts built like training samples, frames loaded like
-preprocessing, greedy or sampled decoding.
+preprocessing, greedy or sampled decoding, several prompts per call, V-NIAH scoring.
 
-Decoding has no KV cache: every new token re-runs the full forward over the prompt and the
-tokens generated so far. At tiny scale this costs little, and it makes the long prefill and
-every decoding step take exactly the training path, including MM-SP: with a context-parallel
-(SP) group of several ranks, each rank encodes its share of the frames and holds its share of
-the tokens (``LongVILAModel.forward`` at SP > 1); only the last position's logits are brought
-to every rank (``prefill_logits``: one all-reduce of ``[V]`` over the SP group). All ranks of the group then pick
-the same token (greedy, or sampling from an identically seeded generator).
+With the KV cache (``generate_batch``, the default for ``LongVILAModel``): the prompts are
+packed into one row (one document each) and prefilled once, taking exactly the training path
+including MM-SP (each SP rank encodes its share of the frames and holds its share of the
+tokens); the output layer runs only on the prompts' last rows, which one all-reduce brings
+to every rank. Each decoding step then feeds one token per unfinished prompt through
+``LongVILAModel.decode_step``: the cache stays sharded over the SP group as the prefill left
+it and each layer's attention merges the ranks' partial results by log-sum-exp
+(:mod:`megatron_longvila.models.kv_cache`). Without it (``use_cache=False``, or a model
+without a cache such as the HF reference) every new token re-runs the full forward.
+All ranks of the group pick the same token (greedy, or sampling from identically seeded
+generators, one per prompt). ``GenerationStats`` reports prefill and decode tokens/s.
+
+``teacher_forced`` scores answers as LongVA / LongVILA score V-NIAH (every answer token the
+argmax before it); ``generate_and_score`` does both from one prefill.
 """
 
 from __future__ import annotations
