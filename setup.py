@@ -25,7 +25,11 @@ setup(
     ],
     extras_require={
         "test": ["pytest>=7", "pytest-timeout", "matplotlib", "megatron-energon", "pyarrow",
-                 "imageio-ffmpeg"],  # a static ffmpeg: reference decoding in the video tests
+                 "imageio-ffmpeg",  # a static ffmpeg: reference decoding in the video tests
+                 "tensorboard", "wandb"],
+        # --tensorboard-dir / --wandb-project (a run asking for one that is missing stops at
+        # start-up)
+        "logging": ["tensorboard", "wandb"],
         "text": ["pyarrow"],  # parquet text corpora
         "energon": ["megatron-energon"],
         "eval": ["matplotlib"],

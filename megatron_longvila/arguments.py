@@ -49,18 +49,32 @@ def parallel_config_from_args(ns: argparse.Namespace) -> ParallelConfig:
                           ring_type=ns.seq_parallel_ring_type, **extra)
 
 
+class DefaultsOnceFormatter(argparse.HelpFormatter):
+    """Each flag's default said once: appended unless the help text already says it, and not
+    for switches (off by default) or flags without one."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        d = action.default
+        if (d is None or d is False or d is argparse.SUPPRESS or "default" in h
+                or action.nargs == 0):
+            return h
+        return f"{h} (default: %(default)s)" if h else "default: %(default)s"
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pretrain_longvila.py",
         description="LongVILA training on Megatron-Core. With no --data-path, a tiny model "
                     "trains on synthetic videos made on the fly.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
+        formatter_class=DefaultsOnceFormatter, allow_abbrev=False)
 
     g = p.add_argument_group("model")
-    g.add_argument("--model", default="tiny",
-                   help="model preset: tiny, qwen2-1.5b, qwen2-7b, llama3-8b (ignored for the "
-                        "architecture when --load holds longvila_config.json, unless "
-                        "--override-checkpoint-config)")
+    g.add_argument("--model", default=None,
+                   help="model preset: tiny, qwen2-1.5b, qwen2-7b, llama3-8b (default: the "
+                        "--load checkpoint's architecture, else tiny); with --load holding "
+                        "longvila_config.json the preset must match it, unless "
+                        "--override-checkpoint-config")
     g.add_argument("--vision-model", default=None,
                    help="vision preset (tiny, siglip-so400m-patch14-384); default: the model's")
     g.add_argument("--projector-type", default="mlp_downsample")
@@ -178,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a NaN/Inf loss or gradient stops training naming the iteration, or "
                         "skips the update (counted)")
     g.add_argument("--max-skipped-iters", type=int, default=10,
-                   help="with --on-nan skip: stop after this many skipped iterations")
+                   help="with --on-nan skip: stop after this many skipped iterations; also the "
+                        "number of iterations without a single label token tolerated")
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--ckpt-format", choices=("torch_dist",), default="torch_dist",
@@ -250,8 +265,52 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also record every iteration's sample keys in --metrics-file")
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="per-GPU peak for MFU (default: by device name, e.g. H100 989)")
+    add_cluster_and_logging_arguments(p)
     add_refused_flags(p)
     return p
+
+
+def add_cluster_and_logging_arguments(p: argparse.ArgumentParser):
+    """Megatron-LM's exit flags (cluster habits) and logging/profiling flags, Megatron's names
+    and meanings (issue 15 items 3-4)."""
+    g = p.add_argument_group("exit (cluster habits)")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM (Slurm's time limit, scancel): finish the current step, "
+                        "save to --save, exit 0")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit 0 once the run has trained this many minutes")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="save and exit 0 after the iteration divisible by this value")
+    g = p.add_argument_group("logging (Megatron-LM's)")
+    for flag in ("--log-timers-to-tensorboard", "--log-validation-ppl-to-tensorboard",
+                 "--log-world-size-to-tensorboard"):
+        g.add_argument(flag, action="store_true",
+                       help="accepted for Megatron-LM command lines: always written here")
+    g.add_argument("--tensorboard-log-interval", type=int, default=1,
+                   help="write TensorBoard / W&B scalars every this many iterations")
+    g.add_argument("--wandb-project", default=None,
+                   help="Weights & Biases project: log the scalars there too "
+                        "(WANDB_MODE=offline works without network)")
+    g.add_argument("--wandb-exp-name", default=None, help="W&B run name")
+    g.add_argument("--wandb-save-dir", default=None,
+                   help="W&B run directory (default: --save/wandb, else ./wandb)")
+    g.add_argument("--log-throughput", action="store_true",
+                   help="TFLOP/s per GPU in the log line and the 'throughput' tag")
+    g.add_argument("--log-params-norm", action="store_true",
+                   help="the parameters' L2 norm in the log line and the 'params-norm' tag")
+    g.add_argument("--timing-log-level", type=int, choices=(0, 1, 2), default=0,
+                   help="0: iteration time only; 1/2: also the step's phases (forward-backward, "
+                        "optimizer) in the log line")
+    g.add_argument("--profile", action="store_true",
+                   help="torch profiler over iterations [--profile-step-start, "
+                        "--profile-step-end); traces to --tensorboard-dir (else ./profile)")
+    g.add_argument("--use-pytorch-profiler", action="store_true",
+                   help="accepted for Megatron-LM command lines: --profile always uses the "
+                        "torch profiler here")
+    g.add_argument("--profile-step-start", type=int, default=10,
+                   help="first profiled iteration")
+    g.add_argument("--profile-step-end", type=int, default=12,
+                   help="profiling stops before this iteration")
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -318,7 +377,8 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
             stage=ns.stage, trainable=ns.trainable, seq_length=ns.seq_length,
             micro_batch_size=ns.micro_batch_size, global_batch_size=ns.global_batch_size,
             train_iters=ns.train_iters, train_samples=ns.train_samples, seed=ns.seed, on_nan=ns.on_nan,
-            max_skipped_iters=ns.max_skipped_iters),
+            max_skipped_iters=ns.max_skipped_iters, exit_signal_handler=ns.exit_signal_handler,
+            exit_duration_in_mins=ns.exit_duration_in_mins, exit_interval=ns.exit_interval),
         optimizer=OptimizerConfig(
             lr=ns.lr, min_lr=ns.min_lr, lr_decay_style=ns.lr_decay_style,
             lr_decay_iters=ns.lr_decay_iters, lr_warmup_iters=ns.lr_warmup_iters,
@@ -343,7 +403,12 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
             log_interval=ns.log_interval, eval_interval=ns.eval_interval,
             eval_iters=ns.eval_iters, tensorboard_dir=ns.tensorboard_dir,
             metrics_file=ns.metrics_file, log_sample_keys=ns.log_sample_keys,
-            peak_tflops=ns.peak_tflops),
+            peak_tflops=ns.peak_tflops, tensorboard_log_interval=ns.tensorboard_log_interval,
+            wandb_project=ns.wandb_project, wandb_exp_name=ns.wandb_exp_name,
+            wandb_save_dir=ns.wandb_save_dir, log_throughput=ns.log_throughput,
+            log_params_norm=ns.log_params_norm, timing_log_level=ns.timing_log_level,
+            profile=ns.profile, profile_step_start=ns.profile_step_start,
+            profile_step_end=ns.profile_step_end),
         debug=DebugConfig(
             kill_after_iteration=ns.debug_kill_after_iteration,
             kill_during_save=ns.debug_kill_during_save,

@@ -13,6 +13,8 @@ for the trainer's resume and for the evaluation tools alike. Test-only fault inj
 """
 
 import dataclasses
+import importlib.util
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -52,8 +54,9 @@ def _at_least(section, names, minimum=1):
 
 @dataclass
 class ModelConfig:
-    """Which model: a preset (or the ``--load`` checkpoint's architecture) plus overrides."""
-    name: str = "tiny"
+    """Which model: a preset (or the ``--load`` checkpoint's architecture) plus overrides.
+    ``name`` None (no --model): the tiny preset, or the checkpoint's architecture."""
+    name: Optional[str] = "tiny"
     vision_model: Optional[str] = None
     projector_type: str = "mlp_downsample"
     num_layers: Optional[int] = None
@@ -84,8 +87,11 @@ class ModelConfig:
         cfg = None
         if load and not self.override_checkpoint_config:
             cfg = checkpoint.read_checkpoint_config(load)
+            if cfg is not None and self.name is not None:
+                _check_preset_matches(self.name, cfg, load, self.projector_type)
         if cfg is None:
-            cfg = get_preset(self.name, projector_type=self.projector_type, vision=self.vision_model)
+            cfg = get_preset(self.name or "tiny", projector_type=self.projector_type,
+                             vision=self.vision_model)
         over = {k: v for k, v in dict(
             num_layers=self.num_layers, hidden_size=self.hidden_size,
             ffn_hidden_size=self.ffn_hidden_size, num_attention_heads=self.num_attention_heads,
@@ -213,7 +219,11 @@ class DataConfig:
 
     def resolve(self, model_name: str) -> "DataConfig":
         _at_least(self, ("num_workers",), 0)
+        _at_least(self, ("synthetic_frames",))
+        if self.num_frames is not None:  # 0 frames would turn every video into text
+            _at_least(self, ("num_frames",))
         for flag in ("data_path", "valid_data_path"):
+            _check_blend(flag, getattr(self, flag))
             for item in getattr(self, flag) or []:
                 if not _is_number(item) and not (os.path.isdir(item) or is_text_source(item)):
                     _err(f"--{flag.replace('_', '-')} {item}: no such shard directory, text "
@@ -241,11 +251,22 @@ class TrainingConfig:
     seed: int = 1234
     on_nan: str = "stop"
     max_skipped_iters: int = 10
+    # cluster habits (Megatron-LM's): finish the step, save, exit 0 on SIGTERM / after a wall
+    # time / at an iteration multiple
+    exit_signal_handler: bool = False
+    exit_duration_in_mins: Optional[float] = None
+    exit_interval: Optional[int] = None
     num_micro_batches: int = 1  # resolved: accumulation steps
 
     def resolve(self, dp: int, world_size: int, tp: int, cp: int,
                 arch: LongVILAConfig) -> "TrainingConfig":
         _at_least(self, ("seq_length", "micro_batch_size"))
+        if self.global_batch_size is not None:
+            _at_least(self, ("global_batch_size",))
+        if self.exit_interval is not None:
+            _at_least(self, ("exit_interval",))
+        if self.exit_duration_in_mins is not None and not self.exit_duration_in_mins > 0:
+            _err(f"--exit-duration-in-mins must be > 0, got {self.exit_duration_in_mins}")
         mbs = self.micro_batch_size
         gbs = self.global_batch_size if self.global_batch_size is not None else mbs * dp
         if gbs % (mbs * dp):
@@ -307,6 +328,11 @@ class OptimizerConfig:
 
     def resolve(self, train_iters: int, global_batch_size: int,
                 train_samples: Optional[int] = None) -> "OptimizerConfig":
+        for name in ("lr", "min_lr", "lr_warmup_init", "weight_decay", "adam_beta1",
+                     "adam_beta2", "adam_eps", "clip_grad"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0:
+                _err(f"--{name.replace('_', '-')} must be a finite number >= 0, got {v}")
         if self.min_lr > self.lr:
             _err(f"--min-lr {self.min_lr} is above --lr {self.lr}")
         if self.lr_warmup_iters < 0:
@@ -380,9 +406,33 @@ class LoggingConfig:
     metrics_file: Optional[str] = None
     log_sample_keys: bool = False
     peak_tflops: Optional[float] = None
+    # Megatron-LM's logging flags
+    tensorboard_log_interval: int = 1
+    wandb_project: Optional[str] = None
+    wandb_exp_name: Optional[str] = None
+    wandb_save_dir: Optional[str] = None
+    log_throughput: bool = False
+    log_params_norm: bool = False
+    timing_log_level: int = 0
+    profile: bool = False
+    profile_step_start: int = 10
+    profile_step_end: int = 12
+    profile_dir: Optional[str] = None  # resolved: --tensorboard-dir, else ./profile
 
     def resolve(self) -> "LoggingConfig":
-        _at_least(self, ("log_interval",))
+        _at_least(self, ("log_interval", "tensorboard_log_interval"))
+        if self.timing_log_level not in (0, 1, 2):
+            _err(f"--timing-log-level must be 0, 1 or 2, got {self.timing_log_level}")
+        if self.tensorboard_dir:
+            require_module("tensorboard", "--tensorboard-dir", "logging")
+        if self.wandb_project:
+            require_module("wandb", "--wandb-project", "logging")
+        if self.profile:
+            if not 0 <= self.profile_step_start < self.profile_step_end:
+                _err(f"--profile-step-start {self.profile_step_start} must be >= 0 and below "
+                     f"--profile-step-end {self.profile_step_end}")
+            prof = self.profile_dir or self.tensorboard_dir or os.path.join(os.getcwd(), "profile")
+            return dataclasses.replace(self, profile_dir=prof)
         if self.eval_interval is not None and self.eval_interval < 1:
             _err(f"--eval-interval must be >= 1, got {self.eval_interval}")
         return self
@@ -453,6 +503,9 @@ def resolve_run_config(cfg: RunConfig, world_size: int) -> RunConfig:
     Raises ``ValueError`` naming the flags and numbers."""
     ckpt = cfg.checkpoint.resolve()
     arch = cfg.model.resolve_arch(ckpt.load, cfg.parallel.tensor_model_parallel_size)
+    if cfg.model.name is None:  # no --model: the checkpoint's architecture (or tiny)
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
+            cfg.model, name=preset_name_of(arch) or f"custom (from --load {ckpt.load})"))
     tr = cfg.training
     par = cfg.parallel.resolve(world_size, arch, tr.seq_length * tr.micro_batch_size,
                                cfg.model.transformer_impl)
@@ -474,3 +527,54 @@ def _is_number(s) -> bool:
         return True
     except (TypeError, ValueError):
         return False
+
+
+# the shape a --model preset must share with the --load checkpoint's stored architecture
+# (rope base and max positions may differ: stage 4 changes them)
+_SHAPE_KEYS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+               "num_query_groups", "vocab_size")
+
+
+def _shape(arch: LongVILAConfig) -> Dict[str, int]:
+    return {k: getattr(arch.llm, k) for k in _SHAPE_KEYS}
+
+
+def _check_preset_matches(name: str, stored: LongVILAConfig, load: str, projector_type: str):
+    """--model NAME with a --load checkpoint of another architecture: refuse, naming both."""
+    want = _shape(get_preset(name, projector_type=projector_type))
+    have = _shape(stored)
+    if want != have:
+        diff = ", ".join(f"{k} {have[k]} (preset {want[k]})" for k in _SHAPE_KEYS
+                         if have[k] != want[k])
+        _err(f"--model {name} does not match the checkpoint in --load {load}: its language "
+             f"model has {diff}; drop --model to train the checkpoint's architecture, or give "
+             f"the matching preset")
+
+
+def preset_name_of(arch: LongVILAConfig) -> Optional[str]:
+    """The preset whose language-model shape ``arch`` has (None: none does)."""
+    from .models.config import MODEL_PRESETS
+    for name in MODEL_PRESETS:
+        if _shape(get_preset(name)) == _shape(arch):
+            return name
+    return None
+
+
+def _check_blend(flag: str, items: Optional[List[str]]):
+    """Megatron-style ``W1 PATH1 W2 PATH2`` weights: finite, >= 0, not all 0."""
+    items = list(items or [])
+    if len(items) < 2 or len(items) % 2 or not all(_is_number(x) and not os.path.exists(x)
+                                                   for x in items[0::2]):
+        return
+    weights = [float(x) for x in items[0::2]]
+    bad = [w for w in weights if not math.isfinite(w) or w < 0]
+    if bad or sum(weights) <= 0:
+        _err(f"--{flag.replace('_', '-')}: blend weights must be finite numbers >= 0, not all "
+             f"0; got {' '.join(items[0::2])}")
+
+
+def require_module(module: str, flag: str, extra: str):
+    """A flag that needs an optional package: stop at start-up when it is missing."""
+    if importlib.util.find_spec(module) is None:
+        _err(f"{flag} needs the {module!r} package, which is not installed: "
+             f"pip install {module} (or pip install -e .[{extra}])")

@@ -36,10 +36,13 @@ _BY_NAME: Tuple[Tuple[str, str], ...] = (
     ("inference", "an inference-server option: generation runs through tools/generate.py"),
     ("yaml", "YAML configs are not read: pass the flags"),
     ("retro", "Retro models are not LongVILA"),
-    ("wandb", "not supported yet: Weights & Biases logging (issue 15 item 4)"),
-    ("tensorboard", "not supported yet: only --tensorboard-dir (issue 15 item 4)"),
-    ("profile", "not supported yet: profiling (issue 15 item 4)"),
-    ("exit-", "not supported yet: exit conditions and signal handling (issue 15 item 3)"),
+    ("wandb", "Weights & Biases takes --wandb-project, --wandb-exp-name, --wandb-save-dir"),
+    ("tensorboard", "TensorBoard takes --tensorboard-dir and --tensorboard-log-interval (every "
+                    "scalar is written)"),
+    ("profile", "profiling is --profile with --profile-step-start/--profile-step-end (torch "
+                "profiler, a trace per rank)"),
+    ("exit-", "exits are --exit-signal-handler (SIGTERM), --exit-duration-in-mins and "
+              "--exit-interval"),
     ("manual-gc", "not supported yet: Python's garbage collector runs as usual"),
     ("recompute", "recompute is --recompute-granularity full (every layer) or selective"),
     ("tokenizer", "the tokenizer is --tokenizer-model: 'tiny', an HF tokenizer directory or a "
@@ -74,7 +77,8 @@ _BY_GROUP: Dict[str, str] = {
                      "synchronously with optimizer, RNG and loader state",
     "distributed init": "the process group comes from torchrun's environment (NCCL on GPUs, "
                         "gloo on CPUs)",
-    "logging": "not supported yet: Megatron-LM's logging options (issue 15 item 4)",
+    "logging": "a Megatron-LM logging option this trainer does not expose (see --help, "
+               "logging)",
     "mixed precision": "precision is --bf16, --fp16 or fp32 with Megatron-Core's defaults",
     "Transformer-Engine": "transformer-engine options are not exposed (--transformer-impl)",
 }

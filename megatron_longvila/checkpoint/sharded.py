@@ -102,7 +102,21 @@ def model_common_state(iteration: Union[int, str], layout: Dict[str, int]) -> Di
 def _save_strategy():
     # torch_dist, one writer thread per rank. (The default async writer forks a worker that
     # needs psutil; without psutil the worker dies and the save waits forever.)
+    _in_process_results_queue()
     return TorchDistSaveShardedStrategy("torch_dist", 1, thread_count=1)
+
+
+def _in_process_results_queue():
+    """Our saves are synchronous: Megatron's writer puts its results and reads them back in
+    this very process. Its default results queue lives in a ``multiprocessing.Manager`` server
+    process (plus a resource tracker) that outlives an ``os._exit``/SIGKILL of the trainer and
+    holds its stdout open (``pretrain_longvila.py ... | cat`` never ends): give it a plain
+    in-process queue instead, so a save leaves no process behind."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    if getattr(filesystem_async, "_results_queue", None) is None:
+        filesystem_async._results_queue = queue.Queue()
 
 
 # ------------------------------------------------------------------ save

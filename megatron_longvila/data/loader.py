@@ -366,6 +366,16 @@ class PackedStream(torch.utils.data.IterableDataset):
         return self.iter_worker((phys + self.rotation) % W)
 
 
+def _leave_sigterm_to_the_trainer(_worker_id):
+    """A loader worker inherits the trainer's Python SIGTERM handler when the trainer handles
+    SIGTERM itself (``--exit-signal-handler``): Slurm signals every process of the job, and the
+    worker must keep serving the step the trainer finishes before it saves (the trainer stops
+    its workers itself; they exit with it otherwise)."""
+    import signal
+    if callable(signal.getsignal(signal.SIGTERM)):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class LongVILALoader:
     """Iterator of micro-batches with ``state_dict()`` / ``load_state_dict()`` (JSON-able)."""
 
@@ -437,7 +447,8 @@ class LongVILALoader:
             dl = torch.utils.data.DataLoader(self._stream, batch_size=None,
                                              num_workers=self.cfg.num_workers,
                                              prefetch_factor=self.prefetch_factor,
-                                             multiprocessing_context="fork")
+                                             multiprocessing_context="fork",
+                                             worker_init_fn=_leave_sigterm_to_the_trainer)
             self._dl_iter = iter(dl)
             self._it = self._dl_iter
 

@@ -32,6 +32,8 @@ from ..models import LongVILAModel
 from ..parallel.groups import initialize_mmsp
 from . import checkpointing, faults
 from ..checkpoint import has_checkpoint
+from .exits import ExitPolicy
+from .megatron_log import MegatronScalarWriter, Profiler, megatron_log_line, params_norm
 from .metrics import MetricsWriter, device_peak_tflops
 from .step import BatchFeed, StepResult, evaluate, train_step
 
@@ -220,6 +222,16 @@ def check_step(cfg: RunConfig, res: StepResult, iteration: int, consumed: Dict[s
     """--on-nan: stop on a NaN/Inf step, or count the skipped update (up to a limit)."""
     if res.skipped == "loss-scale":
         consumed["loss_scale_skips"] = consumed.get("loss_scale_skips", 0) + 1
+    if res.label_tokens == 0 and res.skipped != "nan":
+        n = consumed["empty_label_iterations"] = consumed.get("empty_label_iterations", 0) + 1
+        if n > cfg.training.max_skipped_iters:
+            raise TrainingError(
+                f"iteration {iteration}: {n} iterations had no label token at all (loss 0, "
+                f"nothing learnt), more than --max-skipped-iters {cfg.training.max_skipped_iters}:"
+                " every target of the data is masked (check the samples' answers, the chat "
+                "template and --seq-length)")
+        print_rank0(f"[warning] iteration {iteration}: the global batch has no label token "
+                    f"(loss 0, nothing learnt; {n} such iterations so far)")
     if res.skipped != "nan":
         return
     consumed["skipped_iterations"] += 1
@@ -246,7 +258,8 @@ def validate(cfg: RunConfig, ddp, data_paths, tokenizer) -> Dict[str, float]:
         loader.close()
 
 
-def step_record(cfg: RunConfig, res: StepResult, iteration, dt, consumed, peak) -> Dict[str, Any]:
+def step_record(cfg: RunConfig, res: StepResult, iteration, dt, consumed, peak,
+                loss_scale: float = 1.0) -> Dict[str, Any]:
     rec = {"iteration": iteration, "loss": res.loss, "grad_norm": res.grad_norm, "lr": res.lr,
            "tokens_per_s": res.tokens / dt, "label_tokens": res.label_tokens,
            "samples": res.samples, "consumed_samples": consumed["samples"],
@@ -254,6 +267,11 @@ def step_record(cfg: RunConfig, res: StepResult, iteration, dt, consumed, peak) 
            "tflops_per_gpu": res.flops / dt / cfg.parallel.world_size / 1e12}
     if peak:
         rec["mfu"] = rec["tflops_per_gpu"] / peak
+    # Megatron-LM's scalars (tag names in megatron_log.TAGS)
+    rec.update(global_batch_size=cfg.training.global_batch_size, world_size=cfg.parallel.world_size,
+               throughput=rec["tflops_per_gpu"], loss_scale=loss_scale,
+               skipped_this_iteration=int(res.skipped is not None),
+               nan_this_iteration=int(res.skipped == "nan"))
     if cfg.logging.log_sample_keys:
         g = parallel_state.get_data_parallel_group()
         parts = [None] * dist.get_world_size(g)  # every DP rank's keys, in DP-rank order
@@ -299,21 +317,29 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
     optimizer, scheduler = build_optimizer(cfg, ddp)
     print_rank0(describe(cfg, model))
     data_paths = prepare_data(cfg)
-    tokenizer = build_tokenizer(cfg.data.tokenizer_model, template=cfg.data.chat_template)
+    try:
+        tokenizer = build_tokenizer(cfg.data.tokenizer_model, template=cfg.data.chat_template)
+    except ValueError as e:
+        raise TrainingError(f"--tokenizer-model {cfg.data.tokenizer_model}: {e}") from e
     if tokenizer.vocab_size > cfg.arch.llm.vocab_size:
         raise TrainingError(f"tokenizer {cfg.data.tokenizer_model} has {tokenizer.vocab_size} "
                             f"ids, the model's vocabulary only {cfg.arch.llm.vocab_size}")
+    exits = ExitPolicy(t)  # before the loader forks its workers (they inherit the handler)
     loader = build_loader(cfg, data_paths, tokenizer)
-    writer = MetricsWriter(lg.metrics_file, lg.tensorboard_dir, dist.get_rank())
+    writer = MetricsWriter(lg.metrics_file, None, dist.get_rank())
+    scalars = MegatronScalarWriter(cfg, dist.get_rank())
+    profiler = Profiler(lg, dist.get_rank())
     feed = BatchFeed(loader, cfg.arch, t.trainable)
     peak = device_peak_tflops(lg.peak_tflops)
     rows = t.seq_length * t.micro_batch_size
     first_losses: List[float] = []
     last: Dict[str, Any] = {}
     t_start = time.time()
+    c = cfg.checkpoint
     try:
         iteration, consumed = resume(cfg, ddp, optimizer, scheduler, loader)
         while iteration < t.train_iters:
+            profiler.before(iteration + 1)
             _synchronize()
             t0 = time.time()
             res = train_step(ddp, optimizer, scheduler, feed, t.num_micro_batches, rows,
@@ -324,23 +350,43 @@ def train(cfg: RunConfig) -> Dict[str, Any]:
             _synchronize()
             consumed["samples"] += res.samples
             consumed["micro_batches"] += t.num_micro_batches * cfg.parallel.data_parallel_size
-            last = step_record(cfg, res, iteration, time.time() - t0, consumed, peak)
+            last = step_record(cfg, res, iteration, time.time() - t0, consumed, peak,
+                               float(optimizer.get_loss_scale()))
+            if lg.log_params_norm:
+                last["params_norm"] = params_norm(model)
             writer.write(last)
+            scalars.write(last)
             first_losses += [res.loss] if len(first_losses) < 64 else []
             if iteration % lg.log_interval == 0 or iteration == t.train_iters:
-                print_rank0(log_line(cfg, last))
+                print_rank0(megatron_log_line(last, t.train_iters, lg.log_throughput,
+                                              lg.timing_log_level))
+            trace = profiler.after(iteration)
+            if trace:
+                print_rank0(f"profile of iterations {lg.profile_step_start}-{iteration}: {trace}")
             if lg.eval_interval and iteration % lg.eval_interval == 0:
                 ev = validate(cfg, ddp, cfg.data.valid_data_path or data_paths, tokenizer)
-                print_rank0(f"validation at iteration {iteration} | loss {ev['loss']:.4f} "
-                            f"({ev['tokens']} tokens)")
+                print_rank0(f"validation at iteration {iteration} | lm loss value: "
+                            f"{ev['loss']:.6E} | ({ev['tokens']} tokens)")
                 writer.write({"iteration": iteration, "val_loss": ev["loss"]})
-            c = cfg.checkpoint
+                scalars.write_validation(iteration, ev["loss"], consumed["samples"])
+            saved = False
             if c.save and ((c.save_interval and iteration % c.save_interval == 0)
                            or iteration == t.train_iters):
                 save(cfg, iteration, ddp, optimizer, scheduler, loader, consumed)
+                saved = True
             faults.kill_after_iteration(cfg.debug.kill_after_iteration, iteration)
+            reason = exits.check(iteration)
+            if reason and iteration < t.train_iters:
+                if c.save and not saved:
+                    save(cfg, iteration, ddp, optimizer, scheduler, loader, consumed)
+                print_rank0(f"exiting after iteration {iteration}: {reason}"
+                            f"{'' if c.save else ' (no --save: nothing saved)'}")
+                break
     finally:
+        exits.restore()
+        profiler.stop(iteration if "iteration" in locals() else 0)
         writer.close()
+        scalars.close()
         loader.close()
     print_rank0(f"done: {iteration} iterations in {time.time() - t_start:.1f}s")
     return {"iteration": iteration, "first_losses": first_losses, "last": last,
