@@ -10,7 +10,17 @@
 #              loaded as weights only (--finetune). If SAVE already holds a checkpoint of this
 #              stage, the run resumes from it instead. LOAD=none: start from scratch.
 #   SAVE       output directory (default runs/<stage>); SAVE=none: save nothing
-#   TRAIN_ITERS, PYTHON
+#   TRAIN_ITERS  iterations of the stage (default 20 on tiny; 1000-5000 per stage on real models)
+#   PYTHON     the interpreter (default python); OMP_NUM_THREADS defaults to 1
+# Read by the stage scripts (GBS, SEQ, FRAMES for real models only, MODEL != tiny; tiny runs use
+# fixed small values):
+#   GBS        --global-batch-size (stages 1-2: 256, 3: 128, 4-5: 32)
+#   SEQ        --seq-length of stages 4-5 (default 65536; stage 4 also sets
+#              --max-position-embeddings to it)
+#   FRAMES     stage 5: frames per video (--num-frames and --synthetic-frames, default 256)
+#   SP, RING   stages 4-5, any model: MM-SP size (--context-parallel-size) and its ring size
+#              (--seq-parallel-ring-size); defaults SP 1 (stage 4) or NPROC (stage 5), RING 1;
+#              Ulysses size = SP / RING
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 MODEL=${MODEL:-tiny}
