@@ -267,7 +267,70 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per-GPU peak for MFU (default: by device name, e.g. H100 989)")
     add_cluster_and_logging_arguments(p)
     add_refused_flags(p)
+    for action in p._actions:  # help text for the flags defined without one
+        if action.help is None and action.option_strings:
+            action.help = FLAG_HELP.get(action.option_strings[0])
     return p
+
+
+# Help of the flags defined above without a help= (kept here, one hunk, Megatron-LM's meaning)
+FLAG_HELP = {
+    "--projector-type": "vision-to-LLM projector (LongVILA: mlp_downsample, 2x2 token merge)",
+    "--num-layers": "transformer layers of the LLM (overrides the preset)",
+    "--hidden-size": "LLM hidden size (overrides the preset)",
+    "--ffn-hidden-size": "LLM MLP hidden size (overrides the preset)",
+    "--num-attention-heads": "LLM attention heads (overrides the preset)",
+    "--num-query-groups": "LLM KV heads for grouped-query attention (overrides the preset)",
+    "--max-position-embeddings": "longest sequence the RoPE positions cover (overrides the "
+                                 "preset)",
+    "--recompute-granularity": "activation recompute: full (every layer) or selective "
+                               "(attention core); none when not given",
+    "--make-vocab-size-divisible-by": "pad the vocabulary to a multiple of this (times TP)",
+    "--tensor-model-parallel-size": "tensor-parallel size (TP)",
+    "--seq-parallel-ring-type": "ring attention variant of MM-SP's ring part",
+    "--use-distributed-optimizer": "Megatron-Core's distributed optimizer (optimizer state "
+                                   "sharded over data-parallel ranks)",
+    "--overlap-grad-reduce": "overlap the gradient all-reduce with the backward (CUDA only)",
+    "--distributed-backend": "auto: NCCL with CUDA, gloo otherwise",
+    "--distributed-timeout-minutes": "timeout of collective operations",
+    "--seq-length": "tokens per packed row (after frames are expanded)",
+    "--micro-batch-size": "rows per micro-batch per data-parallel rank",
+    "--lr": "peak learning rate",
+    "--min-lr": "learning rate at the end of the decay",
+    "--lr-decay-style": "learning-rate decay after the warm-up",
+    "--lr-warmup-iters": "iterations of linear warm-up from --lr-warmup-init",
+    "--lr-warmup-init": "learning rate at the start of the warm-up",
+    "--lr-wsd-decay-iters": "WSD style: iterations of the final decay",
+    "--weight-decay-incr-style": "how weight decay moves from --start- to --end-weight-decay",
+    "--optimizer": "adam (AdamW) or sgd",
+    "--sgd-momentum": "momentum of --optimizer sgd",
+    "--min-loss-scale": "fp16: the dynamic loss scale's floor",
+    "--loss-scale-window": "fp16: iterations without overflow before the scale grows",
+    "--hysteresis": "fp16: overflows tolerated before the scale shrinks",
+    "--weight-decay": "AdamW weight decay",
+    "--adam-beta1": "Adam beta1",
+    "--adam-beta2": "Adam beta2",
+    "--adam-eps": "Adam epsilon",
+    "--clip-grad": "clip the global gradient norm to this (0: no clipping)",
+    "--bf16": "bf16 mixed precision (fp32 main weights and gradients)",
+    "--fp16": "fp16 mixed precision with dynamic loss scaling",
+    "--seed": "seed of the weights' initialisation and the data order",
+    "--save": "checkpoint directory to save to (Megatron-LM's layout)",
+    "--load": "checkpoint directory to resume (or, with --finetune, start) from",
+    "--save-interval": "save every this many iterations (and at the end)",
+    "--no-load-optim": "resume without the optimizer state",
+    "--no-load-rng": "resume without the RNG state",
+    "--keep-last-checkpoints": "keep only this many newest iter_* directories",
+    "--valid-data-path": "validation data (as --data-path); default: --data-path",
+    "--num-workers": "loader worker processes per rank (0: in the trainer process)",
+    "--drop-or-subsample": "a video too long for --seq-length: drop it or keep fewer frames",
+    "--no-shuffle": "read the samples in order",
+    "--log-interval": "print Megatron-LM's log line every this many iterations",
+    "--eval-interval": "run validation every this many iterations (none when not given)",
+    "--eval-iters": "global batches per validation",
+    "--tensorboard-dir": "write TensorBoard scalars (Megatron-LM's tag names) here; needs "
+                         "the tensorboard package (the 'logging' extra)",
+}
 
 
 def add_cluster_and_logging_arguments(p: argparse.ArgumentParser):

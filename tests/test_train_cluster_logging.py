@@ -189,3 +189,19 @@ def test_tensorboard_missing_fails_at_start_up(monkeypatch):
         run_config_from_argv(["--tensorboard-dir", "/tmp/x"], 1)
     with pytest.raises(ValueError, match="--wandb-project needs the 'wandb' package"):
         run_config_from_argv(["--wandb-project", "p"], 1)
+
+
+def test_help_has_text_for_every_flag_and_says_each_default_once():
+    import argparse
+    import re
+
+    from megatron_longvila.arguments import build_parser
+    p = build_parser()
+    shown = [a for a in p._actions if a.option_strings and a.help is not argparse.SUPPRESS]
+    assert [a.option_strings[0] for a in shown if not a.help] == []
+    text = p.format_help()
+    blocks = re.split(r"\n  (?=-)", text)
+    for b in blocks:
+        assert b.count("(default:") <= 1, b
+    assert "--seq-length SEQ_LENGTH\n" in text or "--seq-length SEQ_LENGTH " in text
+    assert "(default: 256)" in " ".join(text.split())
