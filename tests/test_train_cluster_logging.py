@@ -110,23 +110,43 @@ def test_exit_interval_saves_and_exits_0(setup):
     assert f"lm loss: {recs[-1]['loss']:.6E} |" in lines[-1]
 
 
+def _wandb_records(path):
+    """The protobuf records of a W&B run file (.wandb): a 7-byte header (":W&B", magic,
+    version), then LevelDB log blocks of 32 KiB whose chunks (crc32 4, length 2, type 1:
+    full 1, first 2, middle 3, last 4) carry the serialized records."""
+    import struct
+    data = open(path, "rb").read()
+    assert data[:4] == b":W&B", data[:8]
+    pos, block, buf = 7, 32768, b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:  # block trailer
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:
+            continue
+        buf += chunk
+        if kind in (1, 4):
+            yield buf
+            buf = b""
+
+
 def _wandb_history(run_dir):
     """The ``history`` rows of a W&B offline run file, as {step: {key: value}}."""
     from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
     (path,) = glob.glob(os.path.join(run_dir, "*.wandb"))
-    ds = datastore.DataStore()
-    ds.open_for_scan(path)
     rows = {}
-    while True:
-        data = ds.scan_data()
-        if data is None:
-            break
+    for data in _wandb_records(path):
         rec = wandb_internal_pb2.Record()
         rec.ParseFromString(data)
         if rec.WhichOneof("record_type") == "history":
             row = {it.key or "/".join(it.nested_key): json.loads(it.value_json)
                    for it in rec.history.item}
+            if "_step" not in row and rec.history.HasField("step"):
+                row["_step"] = rec.history.step.num
             rows[row["_step"]] = row
     return rows
 
