@@ -12,6 +12,6 @@ def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="no CUDA GPU (run tools/gpu_check.py on a GPU machine)")
-    for item in items:
-        if "gpu" in item.keywords:
+    for item in items:  # every item of the session passes here: only those marked gpu
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)
