@@ -20,6 +20,7 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 
 from megatron_longvila import cpu_compat, launch  # noqa: E402
 from megatron_longvila.arguments import run_config_from_argv  # noqa: E402
+from megatron_longvila.data.loader import DatasetError, SampleError  # noqa: E402
 from megatron_longvila.training.train import TrainingError, train  # noqa: E402
 
 
@@ -35,7 +36,7 @@ def main(argv=None):
     import torch.distributed as dist
     try:
         train(cfg)
-    except TrainingError as e:
+    except (TrainingError, SampleError, DatasetError) as e:  # bad data: one line, shard + key
         print(f"[rank {dist.get_rank()}] error: {e}", file=sys.stderr, flush=True)
         os._exit(1)  # don't wait for ranks that stopped elsewhere
     finally:

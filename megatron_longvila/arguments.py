@@ -245,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use at most this many frames per video")
     g.add_argument("--drop-or-subsample", choices=("drop", "subsample"), default="subsample")
     g.add_argument("--no-shuffle", action="store_true")
+    g.add_argument("--skip-bad-samples", type=int, default=0, metavar="N",
+                   help="skip up to N unusable samples per data-loading process (each named "
+                        "and counted in the log and the metrics); default 0: stop at the first")
     g.add_argument("--synthetic-videos", type=int, default=64,
                    help="embedded default: number of synthetic videos")
     g.add_argument("--synthetic-frames", type=int, default=4,
@@ -434,6 +437,7 @@ def config_from_args(ns: argparse.Namespace) -> RunConfig:
             tokenizer_model=ns.tokenizer_model, chat_template=ns.chat_template,
             num_workers=ns.num_workers, num_frames=ns.num_frames,
             drop_or_subsample=ns.drop_or_subsample, shuffle=not ns.no_shuffle,
+            skip_bad_samples=ns.skip_bad_samples,
             synthetic_videos=ns.synthetic_videos, synthetic_frames=ns.synthetic_frames,
             synthetic_text_only=ns.synthetic_text_only, synthetic_dir=ns.synthetic_dir),
         training=TrainingConfig(

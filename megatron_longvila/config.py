@@ -211,6 +211,7 @@ class DataConfig:
     num_workers: int = 2
     num_frames: Optional[int] = None
     drop_or_subsample: str = "subsample"
+    skip_bad_samples: int = 0  # unusable samples each loading process may skip (named, counted)
     shuffle: bool = True
     synthetic_videos: int = 64
     synthetic_frames: int = 4
@@ -229,6 +230,14 @@ class DataConfig:
                     _err(f"--{flag.replace('_', '-')} {item}: no such shard directory, text "
                          f"corpus (.jsonl/.json/.parquet) or Megatron indexed dataset "
                          f"(PREFIX.bin/.idx)")
+                if not _is_number(item) and os.path.isdir(item) and not is_text_source(item):
+                    from .data.loader import read_dataset  # metadata: before any model is built
+                    try:
+                        read_dataset(item)
+                    except (OSError, ValueError, KeyError) as e:
+                        _err(f"--{flag.replace('_', '-')} {item}: {e}")
+        if self.skip_bad_samples < 0:
+            _err(f"--skip-bad-samples {self.skip_bad_samples}: must be >= 0")
         tok = self.tokenizer_model
         if tok is None:
             if model_name != "tiny" and self.data_path:

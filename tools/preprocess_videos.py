@@ -40,6 +40,9 @@ def main(argv=None):
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--key-prefix", default="s")
+    p.add_argument("--allow-media-outside-root", action="store_true",
+                   help="read media paths that leave --media-root (../, absolute, symlinks), "
+                        "with a warning; refused by default")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     cfg = PreprocessConfig(num_frames=a.num_frames, fps=a.fps, max_frames=a.max_frames,
@@ -48,11 +51,12 @@ def main(argv=None):
                            shard_max_bytes=int(a.shard_max_bytes),
                            shard_max_samples=a.shard_max_samples, num_workers=a.workers,
                            strict=a.strict, key_prefix=a.key_prefix, progress=not a.no_progress,
-                           overwrite=a.overwrite)
+                           overwrite=a.overwrite,
+                           allow_outside_media_root=a.allow_media_outside_root)
     try:
         summary = preprocess(a.annotations, a.out, media_root=a.media_root, config=cfg)
     except PreprocessError as e:
-        print(f"error (--strict): {e}", file=sys.stderr)
+        print(f"error{' (--strict)' if a.strict else ''}: {e}", file=sys.stderr)
         return 2
     except (FileExistsError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

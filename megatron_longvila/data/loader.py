@@ -21,21 +21,36 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import logging
 import os
+import tarfile
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
+from ..constants import DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN
 from .packing import build_micro_batch
-from .task_encoder import EncodedSample, SampleError, TaskEncoder
+from .task_encoder import IMAGE_EXTS, EncodedSample, SampleError, TaskEncoder, decode_frame_uint8
 from .text import TextChunk, TextCursor, TextSpec, is_text_source
 from .tokenizer import ChatTokenizer, build_tokenizer
+
+log = logging.getLogger(__name__)
 
 STATE_KEY = "_longvila_loader_state"
 STATE_VERSION = 1
 MAX_DROPS_IN_A_ROW = 1000
+
+
+class BadSampleError(SampleError):
+    """A sample that cannot be used (corrupt frame, missing or bad .json, frames missing, a tar
+    cut short), or too many of them under ``skip_bad_samples``; one line naming the shard and
+    the key."""
+
+
+class DatasetError(ValueError):
+    """A dataset whose metadata contradicts its shards (no sample may be dropped silently)."""
 
 
 @dataclass
@@ -174,13 +189,33 @@ class _Cursor:
             if pos >= b:
                 break
             first, stop = max(0, a - pos), min(c, b - pos)
-            j = first - 1
-            for j, sample in enumerate(read_shard(path, first), start=first):
-                if j >= stop:
-                    break
-                yield sample
-            if j + 1 < stop:
-                raise SampleError(f"shard {path} holds {j + 1} samples, its metadata says {c}")
+            nxt, key, error, extra = first, None, None, None
+            it = read_shard(path, first)
+            try:
+                for sample in it:
+                    if nxt >= stop:
+                        extra = sample
+                        break
+                    key = sample.get("__key__")
+                    nxt += 1
+                    yield sample
+            except (tarfile.TarError, OSError, EOFError, ValueError, KeyError) as e:
+                detail = e.args[0] if e.args else e
+                detail = str(detail[0] if isinstance(detail, tuple) and detail else detail)
+                error = (f"tar unreadable after sample {key}" if key else "tar unreadable"
+                         ) + f" ({type(e).__name__}: {detail.split(' @ ')[0][:160]})"
+            finally:
+                it.close()
+            if extra is not None and stop == c:  # the end of the shard: nothing may follow
+                raise DatasetError(
+                    f"shard {path} holds more samples than its metadata says ({c}; sample "
+                    f"{extra.get('__key__')} and on would be dropped): re-run "
+                    f"tools/preprocess_videos.py or fix its .nv-meta")
+            if nxt < stop:  # samples the metadata promises but the tar does not hold
+                why = error or f"the shard holds {nxt} samples, its metadata says {c}"
+                for k in range(nxt, stop):
+                    yield {"__bad__": f"sample #{k} of shard {path} is missing: {why}",
+                           "__url__": path, "__key__": f"#{k}"}
             pos += c
 
     def _epoch_iter(self, epoch: int, offset: int):
@@ -219,6 +254,30 @@ class _Cursor:
                 self.epoch, self.offset, self._it = self.epoch + 1, 0, None
 
 
+def _check_sample(raw: Dict[str, Any]):
+    """What the task encoder cannot see: the frames the sample's .json announces are all in
+    the shard, and a video/image sample has frames (else it would silently train as text)."""
+    if "json" not in raw:
+        return  # the encoder names it
+    try:
+        meta = json.loads(raw["json"])
+    except (ValueError, UnicodeDecodeError):
+        return
+    if not isinstance(meta, dict):
+        return
+    n = sum(1 for k in raw if not k.startswith("__") and k.rsplit(".", 1)[-1] in IMAGE_EXTS)
+    declared = meta.get("num_frames")
+    if isinstance(declared, int) and declared != n:
+        raise SampleError(f"its .json announces {declared} frames, the shard holds {n}")
+    if n == 0:
+        markers = any(isinstance(t, dict) and isinstance(t.get("value"), str) and (
+            DEFAULT_VIDEO_TOKEN in t["value"] or DEFAULT_IMAGE_TOKEN in t["value"])
+            for t in meta.get("conversations") or [])
+        if meta.get("media") in ("video", "image") or markers:
+            raise SampleError(f"a {meta.get('media') or 'media'} sample without frames "
+                              f"(it would train as text)")
+
+
 @dataclass
 class LoaderConfig:
     seq_length: int
@@ -234,11 +293,12 @@ class LoaderConfig:
     shuffle: bool
     shuffle_buffer: int
     epochs: Optional[int]
+    skip_bad_samples: int = 0  # bad samples each loading process may skip before it stops
 
 
 def _initial_worker_state(n_datasets: int) -> Dict[str, Any]:
     return {"draws": 0, "datasets": [[0, 0] for _ in range(n_datasets)], "dropped": 0,
-            "subsampled": 0}
+            "subsampled": 0, "bad": 0}
 
 
 class _Source:
@@ -254,11 +314,26 @@ class _Source:
         for c, (e, o) in zip(self.cursors, state["datasets"]):
             c.seek(e, o)
         self.dropped, self.subsampled = int(state["dropped"]), int(state["subsampled"])
+        self.bad = int(state.get("bad", 0))
         self.dead = set()
 
     def snapshot(self) -> Dict[str, Any]:
         return {"draws": self.draws, "datasets": [[c.epoch, c.offset] for c in self.cursors],
-                "dropped": self.dropped, "subsampled": self.subsampled}
+                "dropped": self.dropped, "subsampled": self.subsampled, "bad": self.bad}
+
+    def _bad_sample(self, raw: Dict[str, Any], reason: str):
+        """The bad-sample policy: stop with one line naming shard and key, or (under
+        ``skip_bad_samples``) log it, count it and go on until the limit is passed."""
+        key, url = raw.get("__key__", "?"), raw.get("__url__", "?")
+        what = reason if "__bad__" in raw else f"bad sample {key} in shard {url}: {reason}"
+        limit = self.cfg.skip_bad_samples
+        if limit <= 0:
+            raise BadSampleError(f"{what} (--skip-bad-samples N skips up to N such samples)")
+        self.bad += 1
+        if self.bad > limit:
+            raise BadSampleError(f"{what}; {self.bad} bad samples, more than "
+                                 f"--skip-bad-samples {limit}")
+        log.warning("skipped %s (%d of at most %d bad samples)", what, self.bad, limit)
 
     def _choose(self) -> int:
         w = self.weights.copy()
@@ -286,7 +361,20 @@ class _Source:
                 self.dead.add(d)
                 continue
             self.draws += 1
-            s = raw if isinstance(raw, TextChunk) else self.encoder.encode_sample(raw, d)
+            if isinstance(raw, TextChunk):
+                s = raw
+            elif "__bad__" in raw:
+                self._bad_sample(raw, raw["__bad__"])
+                continue
+            else:
+                try:
+                    _check_sample(raw)
+                    s = self.encoder.encode_sample(raw, d)
+                except SampleError as e:
+                    where = f"sample {raw.get('__key__', '?')} of {raw.get('__url__', '?')}: "
+                    msg = str(e)
+                    self._bad_sample(raw, msg[len(where):] if msg.startswith(where) else msg)
+                    continue
             if s.packed_length(cfg.tokens_per_frame) > cfg.seq_length:
                 sub = None
                 if cfg.drop_or_subsample == "subsample":
@@ -303,6 +391,13 @@ class _Source:
                 self.subsampled += 1
                 s = sub
             run_of_drops = 0
+            try:  # decoded here, where the bad-sample policy applies, not in the packer
+                if not isinstance(s, TextChunk):
+                    s.frames = [decode_frame_uint8(f, cfg.image_size, f"frame {i}")
+                                for i, f in enumerate(s.frames)]
+            except SampleError as e:
+                self._bad_sample(raw, str(e))
+                continue
             yield snap, s
 
 
@@ -321,6 +416,16 @@ class PackedStream(torch.utils.data.IterableDataset):
         part = cfg.dp_rank * W + logical
         src = _Source(self.specs, cfg, self.encoder, part, cfg.dp_size * W,
                       self.worker_states[logical])
+        try:
+            yield from self._iter_source(src, logical)
+        except (BadSampleError, DatasetError) as e:
+            # One line for the trainer: from a DataLoader worker an exception would arrive
+            # wrapped in the worker's traceback.
+            yield {STATE_KEY: {"worker": logical, "state": copy.deepcopy(src.snapshot()),
+                               "error": [type(e).__name__, str(e)]}}
+
+    def _iter_source(self, src: "_Source", logical: int) -> Iterator[dict]:
+        cfg = self.cfg
         it = iter(src)
         pending: Optional[Tuple[dict, EncodedSample]] = None
         done = False
@@ -434,7 +539,8 @@ class LongVILALoader:
     def stats(self) -> Dict[str, int]:
         w = self._state["workers"]
         return {"batches": self._state["batches"], "dropped": sum(x["dropped"] for x in w),
-                "subsampled": sum(x["subsampled"] for x in w)}
+                "subsampled": sum(x["subsampled"] for x in w),
+                "bad_samples_skipped": sum(x.get("bad", 0) for x in w)}
 
     # -- iteration
     def _start(self):
@@ -467,6 +573,9 @@ class LongVILALoader:
         while True:
             batch = next(self._it)
             meta = batch.pop(STATE_KEY)
+            if meta.get("error"):
+                kind, msg = meta["error"]
+                raise (DatasetError if kind == "DatasetError" else BadSampleError)(msg)
             self._state["workers"][int(meta["worker"])] = meta["state"]
             if not meta.get("final"):
                 break
@@ -503,7 +612,8 @@ def build_train_loader(data_paths, tokenizer: Union[str, ChatTokenizer], seq_len
                        seed: int = 1234, num_workers: int = 2, num_frames: Optional[int] = None,
                        drop_or_subsample: str = "drop", shuffle: bool = True,
                        shuffle_buffer: int = 64, epochs: Optional[int] = None,
-                       prefetch_factor: int = 2, text_key: str = "text") -> LongVILALoader:
+                       prefetch_factor: int = 2, text_key: str = "text",
+                       skip_bad_samples: int = 0) -> LongVILALoader:
     """See ``megatron_longvila/data/__init__.py``. ``dp_rank=None``/``dp_size=None`` take them
     from Megatron's parallel_state (data-parallel group without context parallelism: TP, PP and
     CP/SP ranks of one DP rank share the batches)."""
@@ -521,5 +631,6 @@ def build_train_loader(data_paths, tokenizer: Union[str, ChatTokenizer], seq_len
     cfg = LoaderConfig(int(seq_length), int(micro_batch_size), int(tokens_per_frame),
                        int(image_size), int(dp_rank), int(dp_size), int(seed), int(num_workers),
                        None if num_frames is None else int(num_frames), drop_or_subsample,
-                       bool(shuffle), int(shuffle_buffer), None if epochs is None else int(epochs))
+                       bool(shuffle), int(shuffle_buffer), None if epochs is None else int(epochs),
+                       int(skip_bad_samples or 0))
     return LongVILALoader(specs, cfg, tokenizer, prefetch_factor=prefetch_factor)

@@ -66,7 +66,9 @@ def build_micro_batch(rows: Sequence[Sequence[EncodedSample]], seq_length: int,
             cu.append(cu[-1] + len(t))
             fps.append(s.num_frames)
             keys.append(s.key)
-            frames.extend(decode_frame_uint8(f, image_size, f"sample {s.key}") for f in s.frames)
+            frames.extend(f if isinstance(f, np.ndarray)  # already decoded by the loader
+                          else decode_frame_uint8(f, image_size, f"sample {s.key}")
+                          for f in s.frames)
         pad = seq_length - used
         if pad > 0:
             tokens.append(np.full(pad, pad_id, dtype=np.int64))

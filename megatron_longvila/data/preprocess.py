@@ -12,7 +12,10 @@ that an edit list hides do not count), ``frame_indices`` their indices among the
 for a stream without timestamps both come from the decoding order ("frame index" timing).
 The key is ``<prefix><annotation index:08d>`` so a sample can be traced to its line.
 
-Shards are written under a temporary name and renamed once complete; the dataset metadata of
+The output is committed whole or not at all: shards and metadata are built in a staging directory
+inside the output directory and moved in only when the run has finished (the old ``.nv-meta``
+goes first and the new one comes last, so a run that dies at any point leaves either the
+previous dataset or none, never new shards described by old metadata). The dataset metadata of
 megatron-energon (``.nv-meta/dataset.yaml`` as a CrudeWebdataset, ``split.yaml``, ``.info.yaml``
 and ``.info.json`` with the per-shard sample counts) is written last, together with
 ``.nv-meta/longvila.json`` (preprocessing settings and the summary) that our loader reads.
@@ -21,10 +24,12 @@ and ``.info.json`` with the per-shard sample counts) is written last, together w
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import logging
 import multiprocessing as mp
 import os
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -69,6 +74,7 @@ class PreprocessConfig:
     key_prefix: str = "s"
     progress: bool = True
     overwrite: bool = False
+    allow_outside_media_root: bool = False  # read media outside media_root (with a warning)
 
 
 @dataclass
@@ -90,30 +96,49 @@ class PreprocessSummary:
 
 # ----------------------------------------------------------------------------- annotations
 
+def _utf8_error(path: str, data: bytes, e: UnicodeDecodeError, base_line: int = 1) -> str:
+    line = base_line + data[:e.start].count(b"\n")
+    col = e.start - (data.rfind(b"\n", 0, e.start) + 1) + 1
+    return (f"{path} line {line}: not valid UTF-8 (byte 0x{data[e.start]:02x} at column {col}); "
+            f"save the file as UTF-8")
+
+
 def read_annotations(path: str) -> List[Tuple[int, Any]]:
     """(index, entry) for each entry of a JSON list or JSONL file; an entry that does not
-    parse is returned as an ``AnnotationError`` in place of the dict."""
-    with open(path, "r", encoding="utf-8") as f:
-        text = f.read()
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    parse (invalid JSON or invalid UTF-8 on its line) is returned as an ``AnnotationError`` in
+    place of the dict, so one bad line is skipped like any other bad entry."""
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]  # UTF-8 byte order mark
+    if data.lstrip().startswith(b"["):
         try:
-            data = json.loads(text)
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise AnnotationError(_utf8_error(path, data, e)) from None
+        try:
+            data_ = json.loads(text)
         except json.JSONDecodeError as e:
             raise AnnotationError(f"{path} is not valid JSON: {e}") from e
-        return list(enumerate(data))
+        return list(enumerate(data_))
     try:  # one JSON document that is not a list (JSONL files fail here and are read below)
-        data = json.loads(text)
-    except json.JSONDecodeError:
+        doc = json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
         pass
     else:
-        if not (isinstance(data, dict) and "conversations" in data):
+        if not (isinstance(doc, dict) and "conversations" in doc):
             raise AnnotationError(f"{path}: expected a JSON list of entries or JSONL, "
-                                  f"got one {type(data).__name__}")
+                                  f"got one {type(doc).__name__}")
     out = []
     idx = 0
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
+    for lineno, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            out.append((idx, AnnotationError(_utf8_error(path, raw, e, lineno))))
+            idx += 1
             continue
         try:
             out.append((idx, json.loads(line)))
@@ -132,9 +157,12 @@ def _num(v, what):
         raise AnnotationError(f"{what} is not a number: {v!r}") from None
 
 
-def validate_entry(entry: Any, media_root: str) -> Dict[str, Any]:
-    """Check one annotation entry and normalise it: {media_path|None, media, conversations,
-    start, end, id}. Raises AnnotationError naming the problem."""
+def validate_entry(entry: Any, media_root: str, allow_outside: bool = False) -> Dict[str, Any]:
+    """Check one annotation entry and normalise it: {media_path|None, source|None, media,
+    conversations, start, end, id}; ``source`` is the media path relative to ``media_root``
+    (what the shard records: never an absolute path). A media path that leaves ``media_root``
+    (``../``, absolute, a symlink out) is refused unless ``allow_outside`` (then warned about).
+    Raises AnnotationError naming the problem."""
     if isinstance(entry, AnnotationError):
         raise entry
     if not isinstance(entry, dict):
@@ -170,13 +198,25 @@ def validate_entry(entry: Any, media_root: str) -> Dict[str, Any]:
         if n_markers > 1:
             raise AnnotationError(f"{n_markers} <image>/<video> markers; one video per entry")
         path = media_rel if os.path.isabs(media_rel) else os.path.join(media_root, media_rel)
+        root = os.path.realpath(media_root)
+        real = os.path.realpath(path)
+        if os.path.commonpath([root, real]) != root:
+            if not allow_outside:
+                raise AnnotationError(
+                    f"media path {media_rel!r} is outside the media root {media_root} (it "
+                    f"resolves to {real}); move it under the root or pass "
+                    f"--allow-media-outside-root")
+            log.warning("media path %r is outside the media root %s (resolves to %s)",
+                        media_rel, media_root, real)
         media = "image" if is_image_path(path) else "video"
     start = _num(entry.get("start", entry.get("start_time")), "start")
     end = _num(entry.get("end", entry.get("end_time")), "end")
     if start is not None and end is not None and end < start:
         raise AnnotationError(f"end {end} before start {start}")
-    return {"media_path": path, "media": media, "conversations": norm, "start": start,
-            "end": end, "id": entry.get("id")}
+    source = None if path is None else os.path.relpath(os.path.abspath(path),
+                                                       os.path.abspath(media_root))
+    return {"media_path": path, "source": source, "media": media, "conversations": norm,
+            "start": start, "end": end, "id": entry.get("id")}
 
 
 # ----------------------------------------------------------------------------- one sample
@@ -196,7 +236,7 @@ def process_entry(args) -> Tuple[str, str, Any]:
     key = f"{cfg.key_prefix}{idx:08d}"
     name = f"entry {idx}"
     try:
-        e = validate_entry(entry, media_root)
+        e = validate_entry(entry, media_root, cfg.allow_outside_media_root)
         if e["media_path"]:
             name = f"entry {idx} ({e['media_path']})"
         if e["media"] == "video":
@@ -212,7 +252,7 @@ def process_entry(args) -> Tuple[str, str, Any]:
             timing = None
         frames = [resize_frame(f, cfg.image_size, cfg.resize_mode) for f in frames]
         meta = {"conversations": e["conversations"], "media": e["media"],
-                "source": e["media_path"], "id": e["id"], "num_frames": len(frames),
+                "source": e["source"], "id": e["id"], "num_frames": len(frames),
                 "frame_times": [round(t, 6) for t in times], "frame_indices": indices,
                 "start": e["start"], "end": e["end"], "image_size": cfg.image_size,
                 "frame_timing": timing}
@@ -327,6 +367,77 @@ def write_energon_metadata(out_dir: str, shards: List[Tuple[str, int]], extra: D
     dump(LONGVILA_META, json.dumps(extra, indent=2))
 
 
+STAGING_PREFIX = ".preprocess-staging-"
+RETIRED_PREFIX = ".preprocess-old-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale_staging(out_dir: str):
+    """Staging directories of runs that died (their process is gone) are removed."""
+    for name in os.listdir(out_dir):
+        if name.startswith(STAGING_PREFIX):
+            try:
+                pid = int(name[len(STAGING_PREFIX):])
+            except ValueError:
+                continue
+            if pid != os.getpid() and not _pid_alive(pid):
+                shutil.rmtree(os.path.join(out_dir, name), ignore_errors=True)
+
+
+def _commit(staging: str, out_dir: str, old: List[str]):
+    """Replace ``out_dir``'s dataset (``old`` shard files + ``.nv-meta``) by ``staging``'s. The
+    old metadata is retired first and the new one moved in last: whatever instant a crash
+    hits, ``out_dir`` is never a dataset whose metadata describes other shards."""
+    retired = os.path.join(out_dir, f"{RETIRED_PREFIX}{os.getpid()}")
+    os.makedirs(retired, exist_ok=True)
+    meta = os.path.join(out_dir, META_DIR)
+    if os.path.exists(meta):
+        os.replace(meta, os.path.join(retired, META_DIR))
+    for f in old:
+        os.replace(os.path.join(out_dir, f), os.path.join(retired, f))
+    for f in sorted(os.listdir(staging)):
+        if f != META_DIR:
+            os.replace(os.path.join(staging, f), os.path.join(out_dir, f))
+    os.replace(os.path.join(staging, META_DIR), meta)  # the commit point
+    shutil.rmtree(retired, ignore_errors=True)
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _ordered_results(executor, jobs, window: int):
+    """``process_entry`` over ``jobs`` in a process pool, results in input order, at most
+    ``window`` in flight. A worker that dies (SIGKILL, the out-of-memory killer) breaks the
+    pool: that is raised as a PreprocessError naming the entries in flight, never waited on."""
+    from collections import deque
+    from concurrent.futures.process import BrokenProcessPool
+    pending = deque()
+    it = iter(jobs)
+    try:
+        for job in itertools.islice(it, window):
+            pending.append((job, executor.submit(process_entry, job)))
+        while pending:
+            job, fut = pending.popleft()
+            res = fut.result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append((nxt, executor.submit(process_entry, nxt)))
+            yield res
+    except BrokenProcessPool:
+        busy = [str(j[0]) for j, _ in [(job, None)] + list(pending)][:8]
+        raise PreprocessError(
+            f"a preprocessing worker process died (killed by a signal, e.g. the out-of-memory "
+            f"killer) while entries {', '.join(busy)} were in progress; nothing was committed "
+            f"(lower --workers or the video sizes and run again)") from None
+
+
 def preprocess(annotation_path: str, out_dir: str, media_root: Optional[str] = None,
                config: Optional[PreprocessConfig] = None, **overrides) -> PreprocessSummary:
     """Annotation file + media -> shards and metadata in ``out_dir``; returns the summary."""
@@ -341,21 +452,23 @@ def preprocess(annotation_path: str, out_dir: str, media_root: Optional[str] = N
     media_root = media_root if media_root is not None else os.path.dirname(os.path.abspath(annotation_path))
     os.makedirs(out_dir, exist_ok=True)
     old = [f for f in os.listdir(out_dir) if f.endswith((".tar", ".tar.tmp", ".tar.idx", ".tar.idx.tmp"))]
-    if old:
-        if not cfg.overwrite:
-            raise FileExistsError(f"{out_dir} already holds shards ({old[0]}, ...); "
-                                  f"pass overwrite=True / --overwrite to replace them")
-        for f in old:
-            os.remove(os.path.join(out_dir, f))
+    if old and not cfg.overwrite:
+        raise FileExistsError(f"{out_dir} already holds shards ({old[0]}, ...); "
+                              f"pass overwrite=True / --overwrite to replace them")
     entries = read_annotations(annotation_path)
+    _remove_stale_staging(out_dir)
+    staging = os.path.join(out_dir, f"{STAGING_PREFIX}{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
     summary = PreprocessSummary()
-    writer = AtomicShardWriter(out_dir, cfg.shard_max_bytes, cfg.shard_max_samples)
+    writer = AtomicShardWriter(staging, cfg.shard_max_bytes, cfg.shard_max_samples)
     jobs = [(idx, e, media_root, cfg) for idx, e in entries]
     pool = None
     try:
         if cfg.num_workers > 1:
-            pool = mp.get_context("fork").Pool(cfg.num_workers)
-            results = pool.imap(process_entry, jobs, chunksize=1)
+            from concurrent.futures import ProcessPoolExecutor
+            pool = ProcessPoolExecutor(cfg.num_workers, mp_context=mp.get_context("fork"))
+            results = _ordered_results(pool, jobs, window=4 * cfg.num_workers)
         else:
             results = map(process_entry, jobs)
         bar = None
@@ -380,20 +493,27 @@ def preprocess(annotation_path: str, out_dir: str, media_root: Optional[str] = N
         if bar is not None:
             bar.close()
         writer.close_shard()
+        if summary.written == 0:
+            first = f"; first: {summary.skipped[0][0]}: {summary.skipped[0][1]}" \
+                if summary.skipped else ""
+            raise PreprocessError(f"{annotation_path}: no sample written ({len(entries)} "
+                                  f"entries, {len(summary.skipped)} skipped{first}); "
+                                  f"{out_dir} left as it was")
+        summary.shards = [n for n, _ in writer.shards]
+        summary.seconds = time.perf_counter() - t0
+        settings = asdict(cfg)
+        settings.pop("progress", None)
+        write_energon_metadata(staging, writer.shards, {
+            "format": "megatron-longvila/v1", "settings": settings,
+            "shards": {n: c for n, c in writer.shards},
+            "summary": {"written": summary.written, "skipped": summary.skipped,
+                        "frames": summary.frames, "bytes": summary.bytes}})
+        _commit(staging, out_dir, old)
     except BaseException:
         writer.abort()
+        shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
         if pool is not None:
-            pool.terminate()
-            pool.join()
-    summary.shards = [n for n, _ in writer.shards]
-    summary.seconds = time.perf_counter() - t0
-    settings = asdict(cfg)
-    settings.pop("progress", None)
-    write_energon_metadata(out_dir, writer.shards, {
-        "format": "megatron-longvila/v1", "settings": settings,
-        "shards": {n: c for n, c in writer.shards},
-        "summary": {"written": summary.written, "skipped": summary.skipped,
-                    "frames": summary.frames, "bytes": summary.bytes}})
+            pool.shutdown(wait=False, cancel_futures=True)
     return summary

@@ -174,7 +174,8 @@ def build_loader(cfg: RunConfig, data_paths, tokenizer, epochs=None, shuffle=Non
         dp_size=parallel_state.get_data_parallel_world_size(), seed=t.seed,
         num_workers=d.num_workers if num_workers is None else num_workers,
         num_frames=d.num_frames, drop_or_subsample=d.drop_or_subsample,
-        shuffle=d.shuffle if shuffle is None else shuffle, epochs=epochs)
+        shuffle=d.shuffle if shuffle is None else shuffle, epochs=epochs,
+        skip_bad_samples=d.skip_bad_samples)
 
 
 # ------------------------------------------------------------------ the loop's pieces
