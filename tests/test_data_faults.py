@@ -199,7 +199,7 @@ def test_dataset_without_metadata_is_caught_before_the_model(tmp_path):
     (d / "shard-000000.tar").write_bytes(b"")
     r = subprocess.run([sys.executable, os.path.join(ROOT, "pretrain_longvila.py"),
                         "--data-path", str(d), "--train-iters", "1"], capture_output=True,
-                       text=True, timeout=300, cwd=str(tmp_path),
+                       text=True, timeout=600, cwd=str(tmp_path),
                        env={**os.environ, "PYTHONPATH": ROOT})
     assert r.returncode == 2, (r.stdout[-1000:], r.stderr[-2000:])
     assert ".nv-meta" in r.stderr and str(d) in r.stderr

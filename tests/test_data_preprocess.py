@@ -138,7 +138,8 @@ def test_fps_sampling_segments_and_images(raw_videos, tmp_path):
     a2.write_text("\n".join(json.dumps(x) for x in [e0, e_img]) + "\n")
     out = str(tmp_path / "wds")
     s = preprocess(str(a2), out, media_root=raw, fps=4, max_frames=100, image_size=SIZE,
-                   image_format="png", progress=False, resize_mode="crop")
+                   image_format="png", progress=False, resize_mode="crop",
+                   allow_outside_media_root=True)  # the image lies outside the media root
     assert s.written == 2, s.skipped
     samples = read_tar_samples(out)
     m0 = json.loads(samples["s00000000"]["json"])
