@@ -61,10 +61,10 @@ def test_converted_checkpoint_first_step_loss_equals_transformers(tmp_path):
     proc = AutoImageProcessor.from_pretrained(os.path.join(hf, "vision_tower"), local_files_only=True)
     pixels = vila_pixels(proc, img, "resize")[None]
     from megatron_longvila.evaluation.hf_reference import HFLongVILA
-    ref = HFLongVILA(hf)
+    ref = HFLongVILA.from_pretrained(hf)
     tokens = torch.tensor(ids_x)[None]
     with torch.no_grad():
-        logits = ref(tokens, torch.arange(len(ids_x))[None], frames=pixels)[0].double()
+        logits = ref(tokens, torch.arange(len(ids_x))[None], frames=pixels).output[0].double()
     labels = torch.tensor([ids_x[k + 1] if tgt_x[k + 1] else IGNORE_INDEX
                            for k in range(len(ids_x) - 1)])
     want = torch.nn.functional.cross_entropy(logits[:-1], labels, ignore_index=IGNORE_INDEX)
