@@ -87,16 +87,40 @@ def _json(path):
         return json.load(f)
 
 
+# Keys the export writes in the forms every VILA/transformers version reads (hf_io.export_*):
+# compared by meaning (the RoPE base), not spelling.
+EXPORT_FORMS = {"rope_theta", "rope_scaling", "rope_parameters", "token_order", "resume_path"}
+
+
+def _same_config(ca, cb, where):
+    from megatron_longvila.conversion.hf_io import _rope_theta
+    if "rope_parameters" in ca or "rope_theta" in ca:
+        assert _rope_theta(ca, where) == _rope_theta(cb, where), where
+    for key in ("llm_cfg", "vision_tower_cfg", "mm_projector_cfg"):
+        if key in ca:
+            _same_config(ca[key], cb[key], f"{where}:{key}")
+    strip = EXPORT_FORMS | {"llm_cfg", "vision_tower_cfg", "mm_projector_cfg"}
+    assert ({k: v for k, v in ca.items() if k not in strip}
+            == {k: v for k, v in cb.items() if k not in strip}), where
+
+
 def assert_same_hf(a, b):
-    """Every tensor bit-identical, same names; configs and side files identical."""
-    assert _json(os.path.join(a, "config.json")) == _json(os.path.join(b, "config.json"))
+    """Every tensor bit-identical, same names (the SigLIP tower's with the ``vision_model.``
+    prefix that transformers 4.46 loads, added where the source had none); configs identical
+    but for the exported forms (EXPORT_FORMS, same RoPE base); side files identical."""
+    _same_config(_json(os.path.join(a, "config.json")), _json(os.path.join(b, "config.json")),
+                 "config.json")
     for p in PARTS:
         ta = load_file(os.path.join(a, p, "model.safetensors"))
         tb = load_file(os.path.join(b, p, "model.safetensors"))
+        if p == "vision_tower":
+            ta = {(k if k.startswith("vision_model.") else "vision_model." + k): v
+                  for k, v in ta.items()}
         assert sorted(ta) == sorted(tb), p
         for k in ta:
             assert ta[k].dtype == tb[k].dtype and torch.equal(ta[k], tb[k]), f"{p}: {k}"
-        assert _json(os.path.join(a, p, "config.json")) == _json(os.path.join(b, p, "config.json")), p
+        _same_config(_json(os.path.join(a, p, "config.json")),
+                     _json(os.path.join(b, p, "config.json")), p)
         for f in SIDE[p]:
             with open(os.path.join(a, p, f), "rb") as fa, open(os.path.join(b, p, f), "rb") as fb:
                 assert fa.read() == fb.read(), f"{p}/{f}"
@@ -159,8 +183,8 @@ def test_bf16_round_trip_is_exact(tmp_path):
     b = load_file(str(tmp_path / "hf2" / "llm" / "model.safetensors"))
     assert all(b[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)
     # HF writes its own dtype into the config ("dtype": "bfloat16"): carried unchanged.
-    assert _json(os.path.join(hf, "llm", "config.json")) == _json(
-        str(tmp_path / "hf2" / "llm" / "config.json"))
+    _same_config(_json(os.path.join(hf, "llm", "config.json")),
+                 _json(str(tmp_path / "hf2" / "llm" / "config.json")), "llm")
 
 
 def _tp_worker(rank, world, jobs):

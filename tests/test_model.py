@@ -67,11 +67,12 @@ def test_placeholder_count_mismatch_is_an_error():
         model(batch["tokens"], batch["position_ids"], batch["frames"][:1])
 
 
-@pytest.mark.parametrize("fixed", [False, True])
-def test_merge_2x2_matches_index_definition(fixed):
+@pytest.mark.parametrize("order", ["column_major", "row_major"])
+def test_merge_2x2_matches_index_definition(order):
+    fixed = order == "row_major"
     g, c = 5, 3  # odd grid: zero-padded to 6x6 -> 9 tokens
     x = torch.randn(2, g * g, c)
-    out = merge_2x2(x, fixed_order=fixed)
+    out = merge_2x2(x, order)
     grid = torch.zeros(2, g + 1, g + 1, c)
     grid[:, :g, :g] = x.reshape(2, g, g, c)
     half = (g + 1) // 2

@@ -5,6 +5,7 @@ not use (SigLIP's ``head.*``, ...) in ``PART/extra.safetensors``, and ``conversi
 (the HF name prefix of the vision tower, the source's dtypes, ...).
 """
 
+import dataclasses
 import os
 import shutil
 from typing import List, Optional
@@ -88,7 +89,9 @@ def carried_config(adir: str, part: str, cfg: LongVILAConfig) -> Optional[dict]:
         return None
     d = hf_io._load_json(p)
     try:
-        if part == "llm" and hf_io.llm_config_from_hf(d) != cfg.llm:
+        if part == "llm" and dataclasses.replace(  # a new RoPE base/length is written in
+                hf_io.llm_config_from_hf(d), rope_base=cfg.llm.rope_base,
+                max_position_embeddings=cfg.llm.max_position_embeddings) != cfg.llm:
             raise ConversionError("differs")
         if part == "vision_tower" and hf_io.vision_config_from_hf(d) != cfg.vision:
             raise ConversionError("differs")

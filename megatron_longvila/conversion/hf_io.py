@@ -239,15 +239,117 @@ class StreamingSafetensorsWriter:
 
 # ----------------------------------------------------------------------------- configs
 def _rope_theta(d: dict, where: str) -> float:
+    """The RoPE base of an LLM config in either spelling: transformers 4 (``rope_theta``,
+    ``rope_scaling``) or transformers 5 (``rope_parameters``); both present must agree."""
     rp = d.get("rope_parameters") or {}
     scaling = d.get("rope_scaling") or {}
     for kind in (rp.get("rope_type"), scaling.get("rope_type"), scaling.get("type")):
         if kind not in (None, "default"):
             raise ConversionError(f"{where}: rope type {kind!r} is not supported (plain RoPE only)")
-    theta = rp.get("rope_theta", d.get("rope_theta"))
+    t5, t4 = rp.get("rope_theta"), d.get("rope_theta")
+    if t5 is not None and t4 is not None and float(t5) != float(t4):
+        raise ConversionError(f"{where}: rope_parameters.rope_theta {t5} and rope_theta {t4} "
+                              "disagree (transformers 5 and 4 would run different bases)")
+    theta = t5 if t5 is not None else t4
     if theta is None:
         raise ConversionError(f"{where}: no rope_theta")
     return float(theta)
+
+
+# ----------------------------------------------------------------------------- exported forms
+# What every transformers version VILA runs with reads the same way. VILA pins transformers
+# 4.46, whose Llama/Qwen2 configs read ``rope_theta`` / ``rope_scaling`` (a config without
+# them runs at base 10000) and whose SiglipVisionModel loads tensors named ``vision_model.*``
+# (other names are left randomly initialised, with only a warning); transformers 5 reads
+# ``rope_parameters`` and both tensor spellings.
+EXPORT_VISION_PREFIX = "vision_model."
+TOKEN_ORDER_KEY = "token_order"  # mm_projector/config.json: the 2x2 merge order (ours)
+VILA_VERSIONS = {  # VILA version -> how it reads mm_projector_type "mlp_downsample"
+    "longvila": ("column_major", "VILA up to 54c9706 (LongVILA era)"),
+    "head": ("row_major", "VILA since 36f6adc (NVILA release, the current HEAD)"),
+}
+
+
+def rope_config_forms(base: float) -> dict:
+    """Plain RoPE with base ``base`` in both spellings (transformers 4 and 5)."""
+    base = float(base)
+    return {"rope_theta": base, "rope_scaling": None,
+            "rope_parameters": {"rope_type": "default", "rope_theta": base}}
+
+
+def export_llm_config(d: dict, llm: LanguageModelConfig) -> dict:
+    """An LLM config dict with the trained model's RoPE base (both spellings) and length."""
+    d = dict(d)
+    d.update(rope_config_forms(llm.rope_base))
+    d["max_position_embeddings"] = llm.max_position_embeddings
+    return d
+
+
+def export_projector_config(d: dict, cfg: LongVILAConfig) -> dict:
+    """The projector config with its type and (for the 2x2 merge) its recorded token order."""
+    d = dict(d)
+    d["mm_projector_type"] = cfg.projector_type
+    d.pop(TOKEN_ORDER_KEY, None)
+    if cfg.projector_token_order is not None:
+        d[TOKEN_ORDER_KEY] = cfg.projector_token_order
+    return d
+
+
+def export_part_config(part: str, d: dict, cfg: LongVILAConfig) -> dict:
+    if part == "llm":
+        return export_llm_config(d, cfg.llm)
+    if part == "mm_projector":
+        return export_projector_config(d, cfg)
+    return dict(d)
+
+
+def export_top_config(top: dict, dtype: torch.dtype) -> dict:
+    """The keys VILA's ``LlavaLlamaModel.from_pretrained`` needs besides its builder: without a
+    true ``resume_path`` it builds a fresh random projector (and looks the tower up as a hub
+    name); without ``model_dtype`` it loads in fp16."""
+    top = dict(top)
+    if not top.get("resume_path"):
+        top["resume_path"] = "."
+    top["model_dtype"] = f"torch.{HF_DTYPE_NAMES[dtype]}"
+    top.setdefault("image_aspect_ratio", "resize")
+    return top
+
+
+def export_vision_name(name: str, source_prefix: str) -> str:
+    """A SigLIP tensor name as VILA's transformers loads it (``vision_model.`` prefix)."""
+    if source_prefix and name.startswith(source_prefix):
+        name = name[len(source_prefix):]
+    return EXPORT_VISION_PREFIX + name
+
+
+def projector_token_order_from_hf(d: Optional[dict], where: str) -> Optional[str]:
+    """The merge order a projector config records, or None where it does not say."""
+    order = (d or {}).get(TOKEN_ORDER_KEY)
+    if order is not None and order not in ("column_major", "row_major"):
+        raise ConversionError(f"{where}: {TOKEN_ORDER_KEY} {order!r} is not column_major or "
+                              "row_major")
+    return order
+
+
+def token_order_warning(cfg: LongVILAConfig, target: Optional[str] = None) -> Optional[str]:
+    """A warning where a VILA version (``target``; None: any) reads the exported projector
+    with another token order than the one it was trained with; None where all agree."""
+    if cfg.projector_type != "mlp_downsample":
+        if cfg.projector_type == "mlp_downsample_2x2_fix" and target in (None, "longvila"):
+            return ("note: mm_projector_type mlp_downsample_2x2_fix does not exist in "
+                    f"{VILA_VERSIONS['longvila'][1]}: load it with {VILA_VERSIONS['head'][1]}")
+        return None
+    order = cfg.projector_token_order
+    wrong = [v for k, (o, v) in VILA_VERSIONS.items()
+             if o != order and (target is None or target == k)]
+    if not wrong:
+        return None
+    right = [v for o, v in VILA_VERSIONS.values() if o == order]
+    return (f"warning: this projector (mlp_downsample) merges 2x2 patches in {order} token "
+            f"order; {', '.join(wrong)} reads mlp_downsample in the other order and will see "
+            f"every frame's token grid transposed (no error). Run it with {', '.join(right)}, "
+            "or fine-tune with --projector-token-order "
+            f"{'row_major' if order == 'column_major' else 'column_major'}.")
 
 
 def llm_family(d: dict, where: str) -> str:
@@ -346,9 +448,13 @@ def hf_vision_config(cfg: VisionConfig, dtype: torch.dtype, use_head: bool = Fal
     return c
 
 
-def hf_projector_config(projector_type: str, dtype: torch.dtype) -> dict:
-    return {"architectures": ["MultimodalProjector"], "mm_projector_type": projector_type,
-            "model_type": "v2l_projector", "dtype": HF_DTYPE_NAMES[dtype]}
+def hf_projector_config(projector_type: str, dtype: torch.dtype,
+                        token_order: Optional[str] = None) -> dict:
+    d = {"architectures": ["MultimodalProjector"], "mm_projector_type": projector_type,
+         "model_type": "v2l_projector", "dtype": HF_DTYPE_NAMES[dtype]}
+    if token_order is not None:
+        d[TOKEN_ORDER_KEY] = token_order
+    return d
 
 
 def vila_top_config(cfg: LongVILAConfig, llm: dict, vision: dict, projector: dict,
@@ -397,7 +503,8 @@ def hf_expected_shapes(part: str, d: dict) -> Dict[str, Tuple[int, ...]]:
 def projector_expected_shapes(cfg: LongVILAConfig) -> Dict[str, Tuple[int, ...]]:
     from ..models.projector import MultimodalProjector
     with torch.device("meta"):
-        m = MultimodalProjector(cfg.projector_type, cfg.vision.hidden_size, cfg.llm.hidden_size)
+        m = MultimodalProjector(cfg.projector_type, cfg.vision.hidden_size, cfg.llm.hidden_size,
+                                cfg.projector_token_order)
     return {k: tuple(v.shape) for k, v in m.state_dict().items()}
 
 

@@ -115,9 +115,12 @@ def open_hf_source(hf_path: Optional[str] = None, llm_path: Optional[str] = None
     if sel is None:
         sel = (top or {}).get("mm_vision_select_layer", -2)
     feat = vision_select_feature or (top or {}).get("mm_vision_select_feature") or "patch"
+    order = hf_io.projector_token_order_from_hf(part_cfgs["mm_projector"],
+                                                "mm_projector config")
     try:
         cfg = LongVILAConfig(llm=llm, vision=vision, projector_type=ptype,
-                             vision_select_layer=int(sel), vision_select_feature=feat)
+                             vision_select_layer=int(sel), vision_select_feature=feat,
+                             projector_token_order=order)
     except ValueError as e:
         raise ConversionError(f"config: {e}") from e
     if top is not None:

@@ -131,7 +131,8 @@ def fresh_projector_state(cfg: LongVILAConfig, seed: int) -> Dict[str, torch.Ten
     """The projector a source without one starts from: VILA's module, default init, seeded."""
     state = torch.get_rng_state()
     torch.manual_seed(seed)
-    proj = MultimodalProjector(cfg.projector_type, cfg.vision.hidden_size, cfg.llm.hidden_size)
+    proj = MultimodalProjector(cfg.projector_type, cfg.vision.hidden_size, cfg.llm.hidden_size,
+                               cfg.projector_token_order)
     torch.set_rng_state(state)
     return {k: v.detach() for k, v in proj.state_dict().items()}
 

@@ -70,8 +70,12 @@ def _convert(load, save, dtype, iteration, num_video_frames, tokenizer, overwrit
     reader = MegatronReader(load, iteration)
     cfg = reader.cfg
     adir, meta = read_assets(load)
-    prefix = meta.get("vision_hf_prefix", "vision_model.")
+    src_prefix = meta.get("vision_hf_prefix", "vision_model.")
+    prefix = hf_io.EXPORT_VISION_PREFIX  # the names VILA's transformers 4.46 loads
     parts_rules = model_rules(cfg, vision_hf_prefix=prefix)
+
+    def out_name(part, n):
+        return hf_io.export_vision_name(n, src_prefix) if part == "vision_tower" else n
     # Plan every file's header first (names, shapes): all from metadata, no tensor data.
     shapes = {mp + rule.mcore: reader.full_shape(mp + rule.mcore)
               for mp, _part, rules, _h, _g in parts_rules for rule in rules}
@@ -90,7 +94,8 @@ def _convert(load, save, dtype, iteration, num_video_frames, tokenizer, overwrit
         if os.path.isfile(ep):
             r = ExtraReader(ep)
             extras[p] = r
-            plan[p] += [(n, r.shape(n), torch_dtype(r.st_dtype(n))) for n in r.keys()]
+            plan[p] += [(out_name(p, n), r.shape(n), torch_dtype(r.st_dtype(n)))
+                        for n in r.keys()]
     writers = {}
     total = sum(len(rules) for _m, _p, rules, _h, _g in parts_rules)
     with atomic_output_dir(save, overwrite=overwrite, inputs=[load, tokenizer]) as tmp:
@@ -114,12 +119,12 @@ def _convert(load, save, dtype, iteration, num_video_frames, tokenizer, overwrit
             bar.close()
             for p, r in extras.items():
                 for n in r.keys():
-                    writers[p].write(n, r.get(n))
+                    writers[p].write(out_name(p, n), r.get(n))
             for w in writers.values():
                 w.close()
             written = sum(w.bytes for w in writers.values())
             # Configs: the carried ones where they still describe the model, else fresh ones.
-            head = any(n.startswith(prefix + "head.") for n in
+            head = any(out_name("vision_tower", n).startswith(prefix + "head.") for n in
                        (extras["vision_tower"].keys() if "vision_tower" in extras else []))
             fresh = {"llm": lambda: hf_io.hf_llm_config(cfg.llm, tdtype).to_dict(),
                      "vision_tower": lambda: hf_io.hf_vision_config(cfg.vision, tdtype,
@@ -130,7 +135,8 @@ def _convert(load, save, dtype, iteration, num_video_frames, tokenizer, overwrit
                 carried = carried_config(adir, p, cfg)
                 d = (_set_dtype(carried, tdtype, add=False) if carried is not None
                      else _set_dtype(fresh[p](), tdtype))
-                part_d[p], changed[p] = d, carried is None or d != carried
+                changed[p] = carried is None or d != carried
+                part_d[p] = d = hf_io.export_part_config(p, d, cfg)  # forms all versions read
                 with open(os.path.join(tmp, p, "config.json"), "w") as f:
                     json.dump(d, f, indent=2, sort_keys=True)
             top_p = os.path.join(adir, "config.json")
@@ -140,6 +146,8 @@ def _convert(load, save, dtype, iteration, num_video_frames, tokenizer, overwrit
                                ("mm_projector", "mm_projector_cfg")):
                     if changed[p] or top.get(key) is None:
                         top[key] = dict(part_d[p], _name_or_path=f"./{p}")
+                    else:
+                        top[key] = hf_io.export_part_config(p, top[key], cfg)
                 top.update(hidden_size=cfg.llm.hidden_size, mm_hidden_size=cfg.vision.hidden_size,
                            mm_vision_select_layer=cfg.vision_select_layer,
                            mm_vision_select_feature=cfg.vision_select_feature)
@@ -150,14 +158,19 @@ def _convert(load, save, dtype, iteration, num_video_frames, tokenizer, overwrit
             else:
                 top = hf_io.vila_top_config(cfg, part_d["llm"], part_d["vision_tower"],
                                             part_d["mm_projector"], tdtype, num_video_frames or 8)
+            top = hf_io.export_top_config(top, tdtype)
             with open(os.path.join(tmp, "config.json"), "w") as f:
                 json.dump(top, f, indent=2, sort_keys=True)
+            warning = hf_io.token_order_warning(cfg)
+            if warning:
+                log(warning)
             # Side files: tokenizer (+ generation config), image processor.
             tok_src = tokenizer or os.path.join(adir, "llm")
             got = copy_side_files(tok_src, os.path.join(tmp, "llm"), hf_io.SIDE_FILES["llm"])
             if not any(n in hf_io.TOKENIZER_FILES for n in got):
                 log("warning: no tokenizer files carried in the Megatron checkpoint (or --tokenizer); "
                     "llm/ has no tokenizer")
+            hf_io.export_tokenizer_files(os.path.join(tmp, "llm"))  # transformers 4.46 reads it
             got = copy_side_files(os.path.join(adir, "vision_tower"), os.path.join(tmp, "vision_tower"),
                                    hf_io.SIDE_FILES["vision_tower"])
             if not got:

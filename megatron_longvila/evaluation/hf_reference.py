@@ -53,7 +53,7 @@ def hf_modules(cfg: LongVILAConfig, attn_implementation: str = "eager",
         vt = SiglipVisionModel._from_config(
             vcfg, attn_implementation=vision_attn_implementation or attn_implementation)
         proj = MultimodalProjector(cfg.projector_type, cfg.vision.hidden_size,
-                                   cfg.llm.hidden_size)
+                                   cfg.llm.hidden_size, cfg.projector_token_order)
     return lm.to(dtype), vt.to(dtype), proj.to(dtype)
 
 
@@ -84,12 +84,15 @@ class HFLongVILA(nn.Module):
             os.path.join(hf_dir, "vision_tower"), torch_dtype=torch.float32,
             attn_implementation=attn_implementation).eval()
         with open(os.path.join(hf_dir, "mm_projector", "config.json")) as f:
-            ptype = json.load(f)["mm_projector_type"]
+            pconf = json.load(f)
+        ptype = pconf["mm_projector_type"]
         cfg = LongVILAConfig(
             llm=llm_config_from_hf(lm.config.to_dict()),
             vision=vision_config_from_hf(vt.config.to_dict()), projector_type=ptype,
-            vision_select_layer=int(top.get("mm_vision_select_layer", -2)))
-        proj = MultimodalProjector(ptype, cfg.vision.hidden_size, cfg.llm.hidden_size)
+            vision_select_layer=int(top.get("mm_vision_select_layer", -2)),
+            projector_token_order=pconf.get("token_order"))
+        proj = MultimodalProjector(ptype, cfg.vision.hidden_size, cfg.llm.hidden_size,
+                                   cfg.projector_token_order)
         sd = load_file(os.path.join(hf_dir, "mm_projector", "model.safetensors"))
         proj.load_state_dict({k: v.float() for k, v in sd.items()})
         return cls(cfg, lm, vt, proj.eval()).eval()

@@ -50,6 +50,27 @@ class VisionConfig:
 
 
 PROJECTOR_TYPES = ("mlp_downsample", "mlp_downsample_2x2_fix", "linear", "mlp2x_gelu")
+# Merge order of the mlp_downsample* projectors (see models/projector.py): the default per type.
+TOKEN_ORDERS = ("column_major", "row_major")
+DEFAULT_TOKEN_ORDER = {"mlp_downsample": "column_major", "mlp_downsample_2x2_fix": "row_major"}
+
+
+def resolve_token_order(projector_type: str, token_order=None):
+    """The merge order of a projector: ``token_order`` checked against the type, else the
+    type's default; ``None`` for projectors without a 2x2 merge."""
+    if projector_type not in DEFAULT_TOKEN_ORDER:
+        if token_order is not None:
+            raise ValueError(f"projector type {projector_type!r} has no 2x2 merge; "
+                             f"token order {token_order!r} does not apply")
+        return None
+    if token_order is None:
+        return DEFAULT_TOKEN_ORDER[projector_type]
+    if token_order not in TOKEN_ORDERS:
+        raise ValueError(f"unknown token order {token_order!r}; known: {', '.join(TOKEN_ORDERS)}")
+    if projector_type == "mlp_downsample_2x2_fix" and token_order != "row_major":
+        raise ValueError("mlp_downsample_2x2_fix merges in row-major order only "
+                         f"(got token order {token_order!r})")
+    return token_order
 
 
 @dataclass
@@ -61,11 +82,17 @@ class LongVILAConfig:
     vision_select_layer: int = -2
     # VILA's mm_vision_select_feature; SigLIP has no CLS token, so "cls_patch" == "patch".
     vision_select_feature: str = "patch"
+    # Order of the merged tokens in a frame for the mlp_downsample* projectors: "column_major"
+    # (LongVILA-era VILA) or "row_major" (VILA since 36f6adc; always for _2x2_fix); None:
+    # the type's default (models/projector.py), filled in so that checkpoints record it.
+    projector_token_order: Optional[str] = None
 
     def __post_init__(self):
         if self.projector_type not in PROJECTOR_TYPES:
             raise ValueError(f"unknown projector type {self.projector_type!r}; "
                              f"known: {', '.join(PROJECTOR_TYPES)}")
+        self.projector_token_order = resolve_token_order(self.projector_type,
+                                                         self.projector_token_order)
         n = self.vision.num_layers
         if not (-(n + 1) <= self.vision_select_layer <= n) or self.vision_select_layer == 0:
             raise ValueError(f"vision_select_layer {self.vision_select_layer} is outside the "
@@ -131,7 +158,8 @@ MODEL_PRESETS = {
 
 
 def get_preset(name: str, projector_type: str = "mlp_downsample",
-               vision: Optional[str] = None, **llm_overrides) -> LongVILAConfig:
+               vision: Optional[str] = None, projector_token_order: Optional[str] = None,
+               **llm_overrides) -> LongVILAConfig:
     if name not in MODEL_PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known: {', '.join(MODEL_PRESETS)}")
     llm_name, vision_name = MODEL_PRESETS[name]
@@ -140,4 +168,5 @@ def get_preset(name: str, projector_type: str = "mlp_downsample",
         raise ValueError(f"unknown vision preset {vision_name!r}; known: {', '.join(VISION_PRESETS)}")
     llm = dataclasses.replace(LLM_PRESETS[llm_name], **llm_overrides)
     return LongVILAConfig(llm=llm, vision=dataclasses.replace(VISION_PRESETS[vision_name]),
-                          projector_type=projector_type)
+                          projector_type=projector_type,
+                          projector_token_order=projector_token_order)

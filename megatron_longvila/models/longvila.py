@@ -85,7 +85,7 @@ class LongVILAModel(MegatronModule):
             config.vision, vision_transformer_config(config.vision, dtype, tp, recompute),
             config.vision_layers_used, impl)
         self.projector = MultimodalProjector(config.projector_type, config.vision.hidden_size,
-                                             llm_cfg.hidden_size)
+                                             llm_cfg.hidden_size, config.projector_token_order)
         self.language_model = GPTModel(
             config=tconfig,
             transformer_layer_spec=layer_spec(impl, "RMSNorm", causal=True),
