@@ -322,6 +322,33 @@ def export_vision_name(name: str, source_prefix: str) -> str:
     return EXPORT_VISION_PREFIX + name
 
 
+# tokenizer_class names that only transformers 5 knows -> the class transformers 4 loads.
+T5_ONLY_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def export_tokenizer_files(folder: str) -> List[str]:
+    """Make a tokenizer folder load in transformers 4.46 as in 5: a transformers-5-only
+    ``tokenizer_class`` becomes the fast class both know, and a ``chat_template.jinja`` (which
+    4.46 does not read) is also written into tokenizer_config.json. Returns what changed."""
+    path = os.path.join(folder, "tokenizer_config.json")
+    if not os.path.isfile(path):
+        return []
+    d, changed = _load_json(path), []
+    cls = d.get("tokenizer_class")
+    if cls in T5_ONLY_TOKENIZER_CLASSES:
+        d["tokenizer_class"] = T5_ONLY_TOKENIZER_CLASSES[cls]
+        changed.append(f"tokenizer_class {cls} -> {d['tokenizer_class']}")
+    jinja = os.path.join(folder, "chat_template.jinja")
+    if os.path.isfile(jinja) and not d.get("chat_template"):
+        with open(jinja) as f:
+            d["chat_template"] = f.read()
+        changed.append("chat_template.jinja copied into tokenizer_config.json")
+    if changed:
+        with open(path, "w") as f:
+            json.dump(d, f, indent=2, sort_keys=True)
+    return changed
+
+
 def projector_token_order_from_hf(d: Optional[dict], where: str) -> Optional[str]:
     """The merge order a projector config records, or None where it does not say."""
     order = (d or {}).get(TOKEN_ORDER_KEY)
