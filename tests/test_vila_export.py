@@ -57,9 +57,8 @@ def _stage4(meg, base):
 
     from megatron_longvila import cpu_compat
     from megatron_longvila.models import LongVILAModel
-    from megatron_longvila.training.checkpointing import (load_model_weights,
-                                                          read_checkpoint_config,
-                                                          save_model_checkpoint)
+    from megatron_longvila.checkpoint import (load_model_weights, read_checkpoint_config,
+                                              save_model_checkpoint)
     cfg = read_checkpoint_config(meg)
     cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, rope_base=base))
     cpu_compat.model_parallel_seed(3)
@@ -130,7 +129,15 @@ def _t5_reading(out, ids):
 
 T4_SCRIPT = textwrap.dedent("""
     import json, sys
-    import torch, transformers
+    import torch
+    # PyPI's torchvision for this torch is a CUDA build: declare its op names so that
+    # transformers' import of it succeeds on the CPU (as tools/vila_check/vila_side.py does)
+    lib = torch.library.Library("torchvision", "DEF")
+    for op in ("roi_align", "_roi_align_backward", "ps_roi_align", "_ps_roi_align_backward",
+               "roi_pool", "_roi_pool_backward", "ps_roi_pool", "_ps_roi_pool_backward", "nms",
+               "qnms", "qroi_align", "deform_conv2d", "_deform_conv2d_backward"):
+        lib.define(op + "(Tensor x) -> Tensor")
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, SiglipVisionModel
     out, ids = sys.argv[1], json.loads(sys.argv[2])
     conf = AutoConfig.from_pretrained(out + "/llm")
@@ -242,7 +249,7 @@ def test_token_order_is_recorded_and_checked():
 def test_token_order_through_conversion(tmp_path, order):
     """HF (order recorded in mm_projector/config.json) -> Megatron (config records it, the
     model merges that way) -> HF (recorded again)."""
-    from megatron_longvila.training.checkpointing import read_checkpoint_config
+    from megatron_longvila.checkpoint import read_checkpoint_config
     cfg = tiny_config("qwen2", "mlp_downsample", tied=False)
     lm, vt, proj = hf_modules(cfg, seed=2)
     hf = write_vila(str(tmp_path / "hf"), cfg, lm, vt, proj)

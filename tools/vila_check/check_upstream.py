@@ -142,8 +142,7 @@ def our_side(meg, out, image, video, question, max_new_tokens):
     from megatron_longvila.evaluation import vila_inputs as V
     from megatron_longvila.evaluation.runtime import init_distributed
     from megatron_longvila.models import LongVILAModel
-    from megatron_longvila.training.checkpointing import (load_model_weights,
-                                                          read_checkpoint_config)
+    from megatron_longvila.checkpoint import load_model_weights, read_checkpoint_config
     init_distributed()
     from megatron.core import parallel_state
     if not parallel_state.model_parallel_is_initialized():
@@ -161,7 +160,7 @@ def our_side(meg, out, image, video, question, max_new_tokens):
         prompt = G.expand_image_tokens(ids, model.tokens_per_frame)
         S = prompt.shape[1]
         with torch.no_grad():
-            logits = model(prompt, torch.arange(S)[None], frames, parallel_output=False)[0]
+            logits = model(prompt, torch.arange(S)[None], frames, parallel_output=False).output[0]
         gen = G.generate(model, prompt, frames, G.GenerationConfig(
             max_new_tokens=max_new_tokens, stop_ids=[]))
         res[kind] = {"logits": logits.float(), "pixels": frames, "greedy": gen, "ids": ids}
