@@ -375,8 +375,9 @@ def token_order_warning(cfg: LongVILAConfig, target: Optional[str] = None) -> Op
     return (f"warning: this projector (mlp_downsample) merges 2x2 patches in {order} token "
             f"order; {', '.join(wrong)} reads mlp_downsample in the other order and will see "
             f"every frame's token grid transposed (no error). Run it with {', '.join(right)}, "
-            "or fine-tune with --projector-token-order "
-            f"{'row_major' if order == 'column_major' else 'column_major'}.")
+            "or fine-tune the projector with projector_token_order "
+            f"{'row_major' if order == 'column_major' else 'column_major'} "
+            "(longvila_config.json).")
 
 
 def llm_family(d: dict, where: str) -> str:
