@@ -24,7 +24,7 @@ setup(
         "psutil",  # megatron-core dist checkpointing's writer hangs on the CPU without it
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout", "matplotlib", "megatron-energon", "pyarrow",
+        "test": ["pytest>=7", "pytest-timeout", "import-linter>=2.1", "matplotlib", "megatron-energon", "pyarrow",
                  "imageio-ffmpeg",  # a static ffmpeg: reference decoding in the video tests
                  "tensorboard", "wandb"],
         # --tensorboard-dir / --wandb-project (a run asking for one that is missing stops at
