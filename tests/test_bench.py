@@ -10,7 +10,6 @@ import pytest
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tools", "benchmarks"))
 
 import bench_step  # noqa: E402
 from megatron_longvila.training import flops  # noqa: E402

@@ -12,7 +12,6 @@ import time
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tools", "benchmarks"))
 
 import bench_scale  # noqa: E402
 

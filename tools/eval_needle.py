@@ -22,7 +22,6 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_longvila import cpu_compat  # noqa: E402
 from megatron_longvila.evaluation import generation as G  # noqa: E402

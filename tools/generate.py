@@ -24,7 +24,6 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_longvila import cpu_compat  # noqa: E402
 from megatron_longvila.evaluation import generation as G  # noqa: E402

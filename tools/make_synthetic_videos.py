@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_longvila.data.synthetic import make_synthetic_dataset, make_synthetic_videos  # noqa: E402
 

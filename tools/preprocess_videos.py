@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_longvila.data.preprocess import PreprocessConfig, PreprocessError, preprocess  # noqa: E402
 

@@ -30,7 +30,6 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..")))
 from megatron_longvila.kernels.attention import (block_backward, block_forward,  # noqa: E402
                                                   ring_attention, varlen_block, _merge)
 from megatron_longvila.parallel.balance import balance_report  # noqa: E402

@@ -52,8 +52,6 @@ os.environ.update(NVLS_OFF)  # before torch / NCCL start; inherited by every chi
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.abspath(os.path.join(HERE, "..", ".."))
-sys.path.insert(0, ROOT)
-sys.path.insert(0, HERE)
 
 import torch  # noqa: E402
 

@@ -43,8 +43,6 @@ import time
 import torch
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.abspath(os.path.join(_HERE, "..", "..")))
-sys.path.insert(0, _HERE)
 
 from megatron_longvila import cpu_compat, launch  # noqa: E402
 from megatron_longvila.arguments import run_config_from_argv  # noqa: E402
