@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from .data.energon import is_metadataset
 from .data.text import is_text_source
 from .models.config import LongVILAConfig, get_preset
 from .models.specs import resolve_transformer_impl
@@ -226,10 +227,11 @@ class DataConfig:
         for flag in ("data_path", "valid_data_path"):
             _check_blend(flag, getattr(self, flag))
             for item in getattr(self, flag) or []:
-                if not _is_number(item) and not (os.path.isdir(item) or is_text_source(item)):
+                if not _is_number(item) and not (os.path.isdir(item) or is_text_source(item)
+                                                 or is_metadataset(item)):
                     _err(f"--{flag.replace('_', '-')} {item}: no such shard directory, text "
                          f"corpus (.jsonl/.json/.parquet) or Megatron indexed dataset "
-                         f"(PREFIX.bin/.idx)")
+                         f"(PREFIX.bin/.idx) or energon metadataset (.yaml)")
                 if not _is_number(item) and os.path.isdir(item) and not is_text_source(item):
                     from .data.loader import read_dataset  # metadata: before any model is built
                     try:

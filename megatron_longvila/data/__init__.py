@@ -20,8 +20,12 @@ build_train_loader(data_paths, tokenizer, seq_length, micro_batch_size=1, tokens
                    num_frames=None, drop_or_subsample="drop", shuffle=True, shuffle_buffer=64,
                    epochs=None, prefetch_factor=2) -> LongVILALoader
     data_paths: "dir", ["dir", ...], Megatron style [w1, "dir1", w2, "dir2"] or
-    [("dir", w), ...] (weighted blending). tokenizer: a ChatTokenizer or a name for
-    build_tokenizer. num_frames: use at most this many frames per sample (uniform subset).
+    [("dir", w), ...] (weighted blending). An entry is a shard directory, a text corpus
+    (.jsonl/.json/.parquet with a "text" field, or a Megatron indexed dataset PREFIX(.bin/.idx):
+    documents packed into rows and split across rows, see data/text.py) or an energon
+    metadataset YAML (its weighted blend, see data/energon.py). tokenizer: a ChatTokenizer or a
+    name for build_tokenizer. sp_rank/sp_size: decode only the frames of this SP rank's vision
+    shard (the batch then carries frame_range; the model takes it as frame_range=). num_frames: use at most this many frames per sample (uniform subset).
     drop_or_subsample: a sample longer than seq_length is dropped and counted ("drop") or keeps
     the most frames that fit ("subsample"; dropped if even one frame is too long).
     epochs=None streams forever (training); epochs=k stops after k epochs (tests, evaluation).
@@ -59,7 +63,10 @@ cu_seqlens int32 [n_seg+1]  sample boundaries; each packed row's padding is its 
 frames float32 [F, 3, H, W] SigLIP normalisation (x/255 - 0.5) / 0.5, in sample order
                             ([0, 3, H, W] when the micro-batch has no frames)
 frames_per_sample int64 [n_seg]   0 for text-only samples and padding segments
-num_samples int, sample_keys list[str]  (webdataset __key__s)
+frame_range int64 [3]       only with sp_size > 1: [a, b, F]: ``frames`` holds frames [a, b) of the
+                            micro-batch's F (this SP rank's vision shard)
+num_samples int, sample_keys list[str]  (webdataset __key__s; "<corpus>:d<doc>@<offset>" for
+                            the document pieces of text corpora)
 """
 
 from .loader import LongVILALoader, build_train_loader, parse_data_paths, read_dataset

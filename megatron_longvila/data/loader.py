@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..constants import DEFAULT_IMAGE_TOKEN, DEFAULT_VIDEO_TOKEN
+from .energon import expand_metadataset, is_metadataset
 from .packing import build_micro_batch
 from .task_encoder import IMAGE_EXTS, EncodedSample, SampleError, TaskEncoder, decode_frame_uint8
 from .text import TextChunk, TextCursor, TextSpec, is_text_source
@@ -623,7 +624,11 @@ def build_train_loader(data_paths, tokenizer: Union[str, ChatTokenizer], seq_len
         dp_size = w if dp_size is None else dp_size
     if isinstance(tokenizer, str):
         tokenizer = build_tokenizer(tokenizer)
-    specs = [read_dataset(p, w) for p, w in parse_data_paths(data_paths)]
+    pairs = []
+    for p, w in parse_data_paths(data_paths):  # energon metadatasets -> their weighted datasets
+        pairs.extend([(q, w * iw) for q, iw in expand_metadataset(p)] if is_metadataset(p)
+                     else [(p, w)])
+    specs = [read_dataset(p, w) for p, w in pairs]
     for s in specs:
         if s.kind == "text":
             s.text_key = text_key
