@@ -40,8 +40,10 @@ longvila_run() {  # longvila_run STAGE SAVE_DEFAULT ARGS...
   [[ "$save" != none ]] && args+=(--save "$save")
   [[ -n "${DATA:-}" ]] && args+=(--data-path $DATA)
   [[ -n "${TOKENIZER:-}" ]] && args+=(--tokenizer-model "$TOKENIZER")
-  if [[ "$save" != none && -f "$save/latest_checkpointed_iteration.txt" ]]; then
-    args+=(--load "$save")                       # resume this stage exactly
+  if [[ "$save" != none ]] && { [[ -f "$save/latest_checkpointed_iteration.txt" ]] ||
+       compgen -G "$save/iter_*" >/dev/null; }; then
+    args+=(--load "$save")                       # resume this stage exactly (iter_* without
+                                                 # a tracker: the trainer refuses, naming them)
   elif [[ -n "${LOAD:-}" && "${LOAD}" != none ]]; then
     args+=(--load "$LOAD" --finetune)            # weights of the previous stage
   fi

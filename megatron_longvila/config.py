@@ -407,6 +407,19 @@ class CheckpointConfig:
         # nothing to save to (e.g. SAVE=none in examples/): no interval
         return dataclasses.replace(self, save_interval=self.save_interval if self.save else None)
 
+    def check_dirs(self, data_parallel_size: int):
+        """Before any model is built: --save writable and no orphaned iter_* there; the
+        checkpoint --load names complete and holding what resuming at this layout needs."""
+        if self.save:
+            checkpoint.check_no_orphans(self.save)
+            checkpoint.check_save_dir(self.save)
+        if self.load and (checkpoint.has_checkpoint(self.load) or self.ckpt_step is not None):
+            resume = not self.finetune
+            checkpoint.check_resume(
+                self.load, self.ckpt_step, data_parallel_size,
+                need_rank_state=resume and (self.load_rng or self.load_loader_state),
+                need_loader=resume and self.load_loader_state)
+
 
 @dataclass
 class LoggingConfig:
@@ -524,6 +537,7 @@ def resolve_run_config(cfg: RunConfig, world_size: int) -> RunConfig:
                           par.context_parallel_size, arch)
     if cfg.model.precision not in PRECISIONS:
         _err(f"precision {cfg.model.precision!r} is not one of {PRECISIONS}")
+    ckpt.check_dirs(par.data_parallel_size)  # last: it may create --save
     return dataclasses.replace(
         cfg, model=dataclasses.replace(cfg.model, arch=arch), parallel=par,
         data=cfg.data.resolve(cfg.model.name), training=training,

@@ -219,3 +219,64 @@ def test_streaming_writer(tmp_path):
     w = StreamingSafetensorsWriter(str(tmp_path / "y.safetensors"), [("a", (1,), torch.float32)])
     with pytest.raises(ConversionError, match=r"never written: \['a'\]"):
         w.close()
+
+
+# ---------------------------------------------------------------- issue 14: cases 3, 15, 17
+def test_output_equal_to_or_inside_the_input_is_refused(tmp_path, vila):
+    """Case 3: --save X --load X --overwrite (and HF -> Megatron with --save = --hf-path)
+    used to delete the input. Refused now, the input intact."""
+    _convert(tmp_path, vila)
+    meg = str(tmp_path / "meg")
+    before = sorted(os.listdir(meg))
+    with pytest.raises(ConversionError, match=r"output .*meg is the input .*meg"):
+        convert_megatron_to_hf(meg, meg, overwrite=True, progress=False)
+    with pytest.raises(ConversionError, match=r"output .*meg/hf is inside the input .*meg"):
+        convert_megatron_to_hf(meg, os.path.join(meg, "hf"), overwrite=True, progress=False)
+    assert sorted(os.listdir(meg)) == before
+    with pytest.raises(ConversionError, match=r"output .*hf is the input .*hf"):
+        convert_hf_to_megatron(vila, hf_path=vila, overwrite=True, in_process=True,
+                               progress=False)
+    assert os.path.isfile(os.path.join(vila, "llm", "model.safetensors"))
+    assert os.path.isfile(os.path.join(meg, "release", "metadata.json"))
+
+
+def test_stale_staging_dirs_of_dead_conversions_are_removed(tmp_path, vila):
+    """Case 17: a SIGKILLed conversion leaves .<save>.tmp-<pid>; the next run into the same
+    output removes those of dead processes (and keeps a live one's)."""
+    import subprocess
+    p = subprocess.Popen(["true"])
+    p.wait()
+    dead = tmp_path / f".meg.tmp-{p.pid}"
+    alive = tmp_path / f".meg.tmp-{os.getppid()}"
+    for d in (dead, alive):
+        os.makedirs(d / "release")
+        (d / "release" / "__0_0.distcp").write_bytes(b"\0" * 1000)
+    _convert(tmp_path, vila)
+    assert not dead.exists()
+    assert alive.exists()
+    assert os.path.isfile(tmp_path / "meg" / "latest_checkpointed_iteration.txt")
+
+
+def test_truncated_megatron_checkpoint_names_the_tensor(tmp_path, vila, capsys):
+    """Case 15: Megatron -> HF from a checkpoint whose tensor data is cut short ended in a bare
+    EOFError; now one line names the file and the first tensor past the end."""
+    _convert(tmp_path, vila)
+    f = tmp_path / "meg" / "release" / "__0_0.distcp"
+    size = os.path.getsize(f)
+    with open(f, "r+b") as fh:
+        fh.truncate(size // 2)
+    with pytest.raises(ConversionError, match=rf"__0_0\.distcp: truncated at {size // 2} bytes; "
+                                              r"tensor language_model\.[\w.]+ .*lie past the end"):
+        convert_megatron_to_hf(str(tmp_path / "meg"), str(tmp_path / "out"), progress=False)
+    _nothing_left(tmp_path, "out")
+    import importlib.util
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(
+        "m2h", os.path.join(root, "tools", "convert_megatron_to_hf.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    capsys.readouterr()
+    assert mod.main(["--load", str(tmp_path / "meg"), "--save", str(tmp_path / "out"),
+                     "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "truncated" in err[0] and "tensor language_model." in err[0], err

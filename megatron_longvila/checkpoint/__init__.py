@@ -26,6 +26,12 @@ the tracker file (written to a temporary file, fsynced, renamed). A crash at any
 the tracker naming the previous complete checkpoint; leftovers of an interrupted save are
 removed by the next save.
 
+Bad input (:mod:`.verify`): a missing or truncated ``.distcp``, an unreadable ``common.pt``,
+another architecture's tensors, an unwritable or full save directory, a training checkpoint
+without its per-rank state: each a :class:`CheckpointError` with one line naming the file or
+tensor; start-up checks (:func:`check_save_dir`, :func:`check_resume`,
+:func:`check_no_orphans`) find them before a model is built.
+
 What the trainer adds (optimizer, scheduler, RNG, loader) is assembled in
 ``training/checkpointing.py`` on top of :func:`save_sharded` / :func:`load_sharded`.
 """
@@ -36,7 +42,10 @@ from .files import (CONFIG_FILE, FORMAT_VERSION, RANK_STATE_DIR, RELEASE, TRACKE
 from .sharded import (OPTIM_SHARDING_TYPES, barrier, current_layout, layout_ranks, load_model_into, load_model_weights,
                       load_sharded, model_common_state, model_sharded_state_dict, prune, rank,
                       read_common_state, read_rank_state, save_model_checkpoint, save_sharded,
-                      saved_keys, sharded_metadata, unwrap_model)
+                      sharded_metadata, unwrap_model)
+from .verify import (FAILURES, CheckpointError, check_no_orphans, check_resume, check_save_dir,
+                     check_shapes, orphaned_iterations, root_cause, saved_keys,
+                     verify_checkpoint)
 
 __all__ = [
     "CONFIG_FILE", "FORMAT_VERSION", "RANK_STATE_DIR", "RELEASE", "TRACKER_FILE",
@@ -45,4 +54,6 @@ __all__ = [
     "load_model_into", "load_model_weights", "load_sharded", "model_common_state",
     "model_sharded_state_dict", "prune", "rank", "read_common_state", "read_rank_state",
     "save_model_checkpoint", "save_sharded", "saved_keys", "sharded_metadata", "unwrap_model",
+    "FAILURES", "CheckpointError", "check_no_orphans", "check_resume", "check_save_dir",
+    "check_shapes", "orphaned_iterations", "root_cause", "verify_checkpoint",
 ]

@@ -7,6 +7,7 @@ the config and the tracker. The staging folder is named by the checkpoint, not b
 because all ranks write into it; the next save removes any leftover.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -16,13 +17,14 @@ import psutil  # noqa: F401 - Megatron-Core's torch_dist writer hangs on the CPU
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
-from megatron.core.dist_checkpointing.serialization import load_tensors_metadata
 from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
 from megatron.core.dist_checkpointing.validation import StrictHandling
 
 from ..utils.atomic import commit_dir, fsync_dir, fsync_tree, remove_all_staging
 from .files import (FORMAT_VERSION, RANK_STATE_DIR, RELEASE, checkpoint_dir, checkpoint_name,
                     read_tracker, write_config, write_tracker)
+from .verify import (FAILURES, CheckpointError, check_shapes, root_cause, verify_checkpoint,
+                     write_probe)
 
 
 # ------------------------------------------------------------------ ranks and layout
@@ -134,32 +136,51 @@ def save_sharded(save_dir: str, iteration: Union[int, str], sharded_sd: Dict[str
     name = checkpoint_name(iteration)
     final = os.path.join(save_dir, name)
     tmp = os.path.join(save_dir, f".tmp_{name}")
-    if rank() == 0:
-        os.makedirs(save_dir, exist_ok=True)
-        for entry in os.listdir(save_dir):  # leftovers of interrupted saves
-            if entry.startswith(".tmp_") or entry.startswith(".old_"):
-                shutil.rmtree(os.path.join(save_dir, entry), ignore_errors=True)
-        remove_all_staging(save_dir)
-        os.makedirs(tmp)
-    barrier()
-    dist_checkpointing.save(sharded_sd, tmp, sharded_strategy=_save_strategy())
-    if rank_state is not None:
-        rdir = os.path.join(tmp, RANK_STATE_DIR)
-        os.makedirs(rdir, exist_ok=True)
-        with open(os.path.join(rdir, f"rank_{rank():05d}.json"), "w") as f:
-            json.dump(rank_state, f)
-    barrier()
-    if rank() == 0:
-        fsync_tree(tmp)  # every rank's files are in the (shared) directory by now
-        if before_commit is not None:
-            before_commit(tmp)
-        commit_dir(tmp, final, replace=True, fsync=False)  # the same iteration again: replaced
-        write_config(save_dir, config)
-        write_tracker(save_dir, iteration)
-        if keep_last:
-            prune(save_dir, keep_last, keep=name)
+    try:
+        if rank() == 0:
+            os.makedirs(save_dir, exist_ok=True)
+            for entry in os.listdir(save_dir):  # leftovers of interrupted saves
+                if entry.startswith(".tmp_") or entry.startswith(".old_"):
+                    shutil.rmtree(os.path.join(save_dir, entry), ignore_errors=True)
+            remove_all_staging(save_dir)
+            os.makedirs(tmp)
+        barrier()
+        dist_checkpointing.save(sharded_sd, tmp, sharded_strategy=_save_strategy())
+        if rank_state is not None:
+            rdir = os.path.join(tmp, RANK_STATE_DIR)
+            os.makedirs(rdir, exist_ok=True)
+            with open(os.path.join(rdir, f"rank_{rank():05d}.json"), "w") as f:
+                json.dump(rank_state, f)
+                f.flush()
+                os.fsync(f.fileno())
+        barrier()
+        if rank() == 0:
+            fsync_tree(tmp)  # every rank's files are in the (shared) directory by now
+            if before_commit is not None:
+                before_commit(tmp)
+            commit_dir(tmp, final, replace=True, fsync=False)  # the same iteration: replaced
+            write_config(save_dir, config)
+            write_tracker(save_dir, iteration)
+            if keep_last:
+                prune(save_dir, keep_last, keep=name)
+    except FAILURES as e:  # disk full, read-only, I/O error: one line
+        if rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        cause = root_cause(e)
+        if os.path.isdir(save_dir) and not cause.startswith(tuple(os.strerror(n) for n in (
+                errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EFBIG, errno.EDQUOT))):
+            cause = write_probe(save_dir) or cause  # the library's error hides the OS one
+        raise CheckpointError(f"saving checkpoint {final} failed: {cause}; "
+                              f"{_latest_note(save_dir)}") from e
     barrier()
     return final
+
+
+def _latest_note(save_dir: str) -> str:
+    try:
+        return f"the last complete checkpoint is still {checkpoint_name(read_tracker(save_dir))}"
+    except (OSError, ValueError):
+        return f"no complete checkpoint in {save_dir}"
 
 
 def prune(save_dir: str, keep_last: int, keep: str):
@@ -192,15 +213,17 @@ def read_common_state(load_dir: str, iteration=None) -> Dict[str, Any]:
     return dist_checkpointing.load_common_state_dict(checkpoint_dir(load_dir, iteration))
 
 
-def saved_keys(path: str, common: Dict[str, Any]) -> set:
-    """Top-level keys of the checkpoint at ``path`` (tensor keys' first part + common keys)."""
-    keys = {k.split(".", 1)[0] for k in load_tensors_metadata(path)}
-    return keys | set(common)
-
-
 def load_sharded(request: Dict[str, Any], path: str) -> Dict[str, Any]:
-    """Load the sharded state dict ``request`` from the checkpoint folder ``path``."""
-    return dist_checkpointing.load(request, path, strict=StrictHandling.RAISE_UNEXPECTED)
+    """Load the sharded state dict ``request`` from the checkpoint folder ``path``.
+
+    The folder is checked first (complete, tensors of the requested shapes): a bad checkpoint
+    is a :class:`CheckpointError` naming the file or tensor, not a library traceback."""
+    verify_checkpoint(path)
+    check_shapes(request, path)
+    try:
+        return dist_checkpointing.load(request, path, strict=StrictHandling.RAISE_UNEXPECTED)
+    except FAILURES as e:  # whatever the reader trips on: one line
+        raise CheckpointError(f"{path}: cannot be loaded ({root_cause(e)})") from e
 
 
 def load_model_into(model, sd_model):

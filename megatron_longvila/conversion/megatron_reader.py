@@ -33,6 +33,10 @@ class MegatronReader:
         self.cfg = ckpt.read_checkpoint_config(load)
         if self.cfg is None:
             raise ConversionError(f"missing file {os.path.join(load, ckpt.CONFIG_FILE)}")
+        try:
+            ckpt.verify_checkpoint(self.path)  # every file and byte range the metadata names
+        except ckpt.CheckpointError as e:
+            raise ConversionError(str(e)) from e
         backend = hf_io._load_json(os.path.join(self.path, "metadata.json"))
         if backend.get("sharded_backend") != "torch_dist":
             raise ConversionError(f"{self.path}: sharded backend {backend.get('sharded_backend')!r}"
@@ -60,8 +64,12 @@ class MegatronReader:
         shape = tuple(m.size[pre:])
         region = torch.empty((1,) * pre + shape, dtype=m.properties.dtype)
         offsets = ([layer] if pre else []) + [0] * len(shape)
-        dcp.load({key: region}, storage_reader=self.reader,
-                 planner=RegionLoadPlanner({key: (offsets, region)}))
+        try:
+            dcp.load({key: region}, storage_reader=self.reader,
+                     planner=RegionLoadPlanner({key: (offsets, region)}))
+        except ckpt.FAILURES as e:  # a damaged file: name the tensor, one line
+            raise ConversionError(f"{self.path}: cannot read tensor {key} (for {name}): "
+                                  f"{ckpt.root_cause(e)}") from e
         return region.reshape(shape)
 
 

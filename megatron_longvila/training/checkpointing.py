@@ -255,6 +255,11 @@ def load_checkpoint(load_dir: str, model, optimizer=None, scheduler=None, loader
     out["iteration"] = int(common["iteration"])
     saved_layout, now = common.get("layout") or {}, ckpt.current_layout()
     rank_state = ckpt.read_rank_state(path, saved_layout, now)
+    if rank_state is None and (loader is not None or (load_rng and saved_layout == now)):
+        raise ckpt.CheckpointError(
+            f"{path}: no per-rank state (RNG states and loader position) for this rank in "
+            f"{ckpt.RANK_STATE_DIR}/: resuming would replay samples; load the weights only "
+            "with --finetune, or pass --no-load-rng --no-load-loader-state")
     if rank_state is not None:
         if load_rng and saved_layout == now:
             set_rng_state(rank_state["rng"])

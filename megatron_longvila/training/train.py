@@ -31,7 +31,7 @@ from ..data.synthetic import cached_synthetic_dataset, samples_for_run
 from ..models import LongVILAModel
 from ..parallel.groups import initialize_mmsp
 from . import checkpointing, faults
-from ..checkpoint import has_checkpoint
+from ..checkpoint import CheckpointError, has_checkpoint
 from .exits import ExitPolicy
 from .megatron_log import MegatronScalarWriter, Profiler, megatron_log_line, params_norm
 from .metrics import MetricsWriter, device_peak_tflops
@@ -209,13 +209,16 @@ def resume(cfg: RunConfig, ddp, optimizer, scheduler, loader) -> Tuple[int, Dict
 
 def save(cfg: RunConfig, iteration, ddp, optimizer, scheduler, loader, consumed):
     t0 = time.time()
-    path = checkpointing.save_checkpoint(
-        cfg.checkpoint.save, iteration, ddp, optimizer=optimizer, scheduler=scheduler,
-        loader=loader, args=cfg.to_dict(), config=cfg.arch, consumed=consumed,
-        keep_last=cfg.checkpoint.keep_last_checkpoints,
-        before_commit=faults.kill_during_save(cfg.debug.kill_during_save, iteration),
-        optim_sharding="fully_reshardable" if cfg.checkpoint.optim_fully_reshardable
-        else "dp_reshardable")
+    try:
+        path = checkpointing.save_checkpoint(
+            cfg.checkpoint.save, iteration, ddp, optimizer=optimizer, scheduler=scheduler,
+            loader=loader, args=cfg.to_dict(), config=cfg.arch, consumed=consumed,
+            keep_last=cfg.checkpoint.keep_last_checkpoints,
+            before_commit=faults.kill_during_save(cfg.debug.kill_during_save, iteration),
+            optim_sharding="fully_reshardable" if cfg.checkpoint.optim_fully_reshardable
+            else "dp_reshardable")
+    except CheckpointError as e:  # disk full, read-only, I/O error: one line, data kept
+        raise TrainingError(str(e)) from e
     print_rank0(f"saved checkpoint {path} in {time.time() - t0:.1f}s")
 
 
