@@ -85,14 +85,6 @@ class ModelConfig:
 
     def resolve_arch(self, load: Optional[str], tp: int = 1) -> LongVILAConfig:
         """The preset's (or ``load``'s stored) LongVILAConfig with the overrides applied."""
-        cfg = None
-        if load and not self.override_checkpoint_config:
-            cfg = checkpoint.read_checkpoint_config(load)
-            if cfg is not None and self.name is not None:
-                _check_preset_matches(self.name, cfg, load, self.projector_type)
-        if cfg is None:
-            cfg = get_preset(self.name or "tiny", projector_type=self.projector_type,
-                             vision=self.vision_model)
         over = {k: v for k, v in dict(
             num_layers=self.num_layers, hidden_size=self.hidden_size,
             ffn_hidden_size=self.ffn_hidden_size, num_attention_heads=self.num_attention_heads,
@@ -104,6 +96,14 @@ class ModelConfig:
             vocab_size=None if self.vocab_size is None else padded_vocab_size(
                 self.vocab_size, self.make_vocab_size_divisible_by, tp)).items()
             if v is not None}
+        cfg = None
+        if load and not self.override_checkpoint_config:
+            cfg = checkpoint.read_checkpoint_config(load)
+            if cfg is not None and self.name is not None:
+                _check_preset_matches(self.name, cfg, load, self.projector_type, over)
+        if cfg is None:
+            cfg = get_preset(self.name or "tiny", projector_type=self.projector_type,
+                             vision=self.vision_model)
         if over:
             cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, **over))
         if self.kv_channels is not None and self.kv_channels != cfg.llm.kv_channels:
@@ -564,9 +564,13 @@ def _shape(arch: LongVILAConfig) -> Dict[str, int]:
     return {k: getattr(arch.llm, k) for k in _SHAPE_KEYS}
 
 
-def _check_preset_matches(name: str, stored: LongVILAConfig, load: str, projector_type: str):
-    """--model NAME with a --load checkpoint of another architecture: refuse, naming both."""
-    want = _shape(get_preset(name, projector_type=projector_type))
+def _check_preset_matches(name: str, stored: LongVILAConfig, load: str, projector_type: str,
+                          over: Dict[str, Any]):
+    """--model NAME (with the shape flags given beside it, e.g. --num-layers) and a --load
+    checkpoint of another architecture: refuse, naming both."""
+    preset = get_preset(name, projector_type=projector_type)
+    shape_over = {k: v for k, v in over.items() if k in _SHAPE_KEYS}
+    want = _shape(dataclasses.replace(preset, llm=dataclasses.replace(preset.llm, **shape_over)))
     have = _shape(stored)
     if want != have:
         diff = ", ".join(f"{k} {have[k]} (preset {want[k]})" for k in _SHAPE_KEYS

@@ -5,6 +5,7 @@ the README's first command on the GPU."""
 import json
 import math
 import os
+import re
 import sys
 
 import pytest
@@ -175,6 +176,7 @@ def test_readme_first_command_on_gpu():
     _, out, dt = run([sys.executable, "pretrain_longvila.py"], 170,
                      os.path.join(w, "readme.log"))
     assert "done:" in out and "backend nccl" in out, out[-3000:]
-    last = [l for l in out.splitlines() if l.startswith("iteration")][-1]
+    # Megatron-LM's log line: " [date] iteration      N/     M | consumed samples: ... |"
+    last = [l for l in out.splitlines() if re.search(r" iteration +\d+/ *\d+ \|", l)][-1]
     record("README's first command (`python pretrain_longvila.py`)", seconds=round(dt, 1),
-           last_iteration=last.split("|")[:2])
+           last_iteration=" | ".join(p.strip() for p in last.split("|")[:3]))
