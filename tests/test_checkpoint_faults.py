@@ -115,7 +115,8 @@ def test_architecture_mismatch_names_the_tensor(setup):
     --override-checkpoint-config): one line naming the tensor and both shapes."""
     root, common = setup
     p = run_cli(common + ["--load", root / "good", "--finetune", "--train-iters", 1,
-                          "--override-checkpoint-config", "--ffn-hidden-size", 48], check=False)
+                          "--override-checkpoint-config", "--ffn-hidden-size", 48,
+                          "--tokenizer-model", "tiny"], check=False)
     line = _one_line_error(p, rc=1)
     assert "has shape" in line and "the model expects" in line and "mlp.linear_fc" in line, line
 
